@@ -1,0 +1,34 @@
+"""Backdoor attacks, looked up by name: ``attacks.create("badnets", target=0)``."""
+from __future__ import annotations
+
+from ..registry import Registry
+from .badnets import BadNets, BadNetsConfig
+from .base import Attack, PoisonConfig, PoisonedDataset, TriggeredTestSet
+from .blend import Blend, BlendConfig
+from .trojan import Trojan, TrojanConfig
+
+ATTACKS: Registry[Attack] = Registry("attack")
+ATTACKS.register("badnets", BadNetsConfig)(BadNets)
+ATTACKS.register("blend", BlendConfig)(Blend)
+ATTACKS.register("trojan", TrojanConfig)(Trojan)
+
+
+def create(name: str, config=None, **params) -> Attack:
+    """Build attack ``name`` with its paper defaults, overridden by ``params``."""
+    return ATTACKS.create(name, config, **params)
+
+
+def names() -> list[str]:
+    return ATTACKS.names()
+
+
+def from_description(desc: dict, trigger_state: dict | None = None) -> Attack:
+    """Rebuild an attack from the ``{"name", "config"}`` stored in a run's meta.json."""
+    attack = create(desc["name"], **desc.get("config", {}))
+    if trigger_state:
+        attack.load_trigger_state(trigger_state)
+    return attack
+
+
+__all__ = ["ATTACKS", "Attack", "PoisonConfig", "PoisonedDataset", "TriggeredTestSet", "create", "names",
+           "from_description", "BadNets", "Blend", "Trojan"]

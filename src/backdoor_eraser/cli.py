@@ -1,0 +1,214 @@
+"""``backdoor-eraser`` command line: demo, attack, purify, evaluate, attacks, defenses.
+
+Attack and defense parameters are the fields of their config dataclasses, given as extra
+``--name value`` flags (see ``backdoor-eraser attacks`` / ``defenses``) or in a YAML file (``--params``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__, attacks, defenses
+from .errors import UserError
+from .params import describe_params, parse_param_flags, read_yaml_params
+from .registry import config_fields, json_ready
+from .training import TrainConfig
+from .training.schedules import SCHEDULES
+
+
+def _add_common(p: argparse.ArgumentParser):
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="fixes the clean subset, poisoning and training (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _add_model_source(p: argparse.ArgumentParser):
+    p.add_argument("--model", required=True, help="a run folder, or a checkpoint file (.safetensors/.pt/.pth/.tar)")
+    p.add_argument("--arch", help="architecture of a bare checkpoint, e.g. wrn-16-1")
+    p.add_argument("--num-classes", type=int, help="classes of a bare checkpoint (default: from its last layer)")
+    p.add_argument("--normalization", help="input normalisation of a bare checkpoint: none (raw [0,1], as the "
+                   "NAD-family releases), cifar10, imagenet, mnist, or M1,M2,M3:S1,S2,S3")
+    p.add_argument("--unsafe-load", action="store_true",
+                   help="allow full unpickling of a .pt file (runs code from the file: only for files you trust)")
+    p.add_argument("--dataset", help="data set name (default: the one recorded in the run folder)")
+    p.add_argument("--data-dir", help="data folder (default: the one recorded in the run folder)")
+
+
+def _add_train(p: argparse.ArgumentParser, d: TrainConfig):
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--momentum", type=float, default=d.momentum)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--no-nesterov", action="store_true")
+    g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
+    g.add_argument("--step-size", type=int, default=d.step_size, help="epochs per step (schedule=step)")
+    g.add_argument("--gamma", type=float, default=d.gamma, help="lr factor per step/milestone")
+    g.add_argument("--milestones", default="", help="comma-separated epochs (schedule=multistep)")
+    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    g.add_argument("--augment", choices=("crop-flip", "none"), default=d.augment)
+    g.add_argument("--channels-last", action="store_true")
+
+
+def _train_config(a) -> TrainConfig:
+    return TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
+                       nesterov=not a.no_nesterov, weight_decay=a.weight_decay, schedule=a.schedule,
+                       step_size=a.step_size, gamma=a.gamma,
+                       milestones=tuple(int(m) for m in a.milestones.split(",") if m.strip()),
+                       label_smoothing=a.label_smoothing, augment=a.augment, seed=a.seed,
+                       channels_last=a.channels_last)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="backdoor-eraser", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="backdoor a model on built-in synthetic data and erase it with NAD (a few minutes on CPU)")
+    p.add_argument("--out", default="runs/demo")
+    _add_common(p)
+
+    p = sub.add_parser("attack", help="train a backdoored model; extra --name value flags set attack parameters")
+    p.add_argument("--dataset", required=True, help="cifar10, gtsrb, mnist, folder, synthetic")
+    p.add_argument("--data-dir", help="data folder or archive (see README)")
+    p.add_argument("--download", action="store_true", help="download the data set when missing (cifar10)")
+    p.add_argument("--arch", default="wrn-16-1")
+    p.add_argument("--attack", required=True)
+    p.add_argument("--params", help="YAML file of attack parameters (flags override it)")
+    p.add_argument("--normalization", default="none", help="input normalisation stored with the model (default none)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last epoch checkpoint")
+    p.add_argument("--no-epoch-eval", action="store_true", help="skip test-set metrics after each epoch")
+    _add_train(p, TrainConfig(epochs=100, batch_size=128, lr=0.1, weight_decay=5e-4, schedule="cosine"))
+    _add_common(p)
+
+    p = sub.add_parser("purify", help="erase a backdoor; extra --name value flags set defense parameters")
+    _add_model_source(p)
+    p.add_argument("--method", required=True, help=f"one of: {', '.join(defenses.names())}")
+    p.add_argument("--params", help="YAML file of defense parameters (flags override it)")
+    p.add_argument("--clean-fraction", type=float, help="share of the training set the defender holds (default 0.05)")
+    p.add_argument("--clean-count", type=int, help="number of clean images instead of a fraction")
+    p.add_argument("--attack", help="attack to measure ASR with (default: the one recorded with the model)")
+    p.add_argument("--target", type=int, help="attack target class (with --attack)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--no-epoch-eval", action="store_true", help="skip test-set metrics after each epoch")
+    _add_common(p)
+
+    p = sub.add_parser("evaluate", help="ACC, ASR and RA of a model; extra --name value flags set attack parameters")
+    _add_model_source(p)
+    p.add_argument("--attack", help="attack to measure ASR with (default: the one recorded with the model)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    _add_common(p)
+
+    sub.add_parser("attacks", help="list attacks and their parameters")
+    sub.add_parser("defenses", help="list defenses and their parameters")
+    return ap
+
+
+def _params(registry, name: str | None, yaml_path: str | None, rest: list[str], extra: dict | None = None) -> dict:
+    if not name:
+        if rest:
+            raise UserError(f"unexpected arguments {' '.join(rest)}")
+        return {}
+    cfg_cls = registry.config_class(name)
+    params = read_yaml_params(yaml_path)
+    params.update(extra or {})
+    params.update(parse_param_flags(cfg_cls, rest, f"{registry.kind} {name!r}"))
+    return params
+
+
+def _listing(registry) -> str:
+    out = []
+    for name in registry.names():
+        out.append(f"{name}: {registry.summary(name)}")
+        out += ["    " + line for line in describe_params(registry.config_class(name))]
+    return "\n".join(out)
+
+
+def _print_metrics(m: dict):
+    def pct(k):
+        return f"{100 * m[k]:.2f}%" if k in m else "-"
+    print(f"ACC {pct('acc')}  ACC(non-target) {pct('acc_nontarget')}  ASR {pct('asr')}  RA {pct('ra')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args, rest = ap.parse_known_args(argv)
+    try:
+        return _run(args, rest)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args, rest) -> int:
+    from . import workflows
+
+    cmd = args.command
+    if cmd in ("demo", "attacks", "defenses") and rest:
+        raise UserError(f"unexpected arguments: {' '.join(rest)}")
+    if cmd == "attacks":
+        print(_listing(attacks.ATTACKS))
+        return 0
+    if cmd == "defenses":
+        print(_listing(defenses.DEFENSES))
+        return 0
+    if cmd == "demo":
+        workflows.run_demo(args.out, device=args.device, seed=args.seed, quiet=args.quiet)
+        return 0
+    if cmd == "attack":
+        params = _params(attacks.ATTACKS, args.attack, args.params, rest)
+        metrics = workflows.run_attack(
+            dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, attack=args.attack, attack_params=params,
+            train=_train_config(args), out=args.out, seed=args.seed, device=args.device,
+            normalization=args.normalization, data_options={"download": True} if args.download else None,
+            resume=args.resume, epoch_eval=not args.no_epoch_eval, quiet=args.quiet)
+        _print_metrics(metrics)
+        print(f"run folder: {args.out}")
+        return 0
+    if cmd == "purify":
+        if args.clean_fraction is not None and args.clean_count is not None:
+            raise UserError("give --clean-fraction or --clean-count, not both")
+        if args.clean_fraction is not None and not 0 < args.clean_fraction <= 1:
+            raise UserError(f"--clean-fraction must be in (0, 1], got {args.clean_fraction}")
+        attack_params = {"target": args.target} if args.target is not None else {}
+        if args.target is not None and not args.attack:
+            raise UserError("--target needs --attack")
+        params = _params(defenses.DEFENSES, args.method, args.params, rest)
+        if "seed" in {f for f, *_ in config_fields(defenses.DEFENSES.config_class(args.method))}:
+            params.setdefault("seed", args.seed)
+        metrics = workflows.run_purify(
+            model=args.model, method=args.method, out=args.out, defense_params=params,
+            clean_fraction=args.clean_fraction, clean_count=args.clean_count, seed=args.seed, dataset=args.dataset,
+            data_dir=args.data_dir, arch=args.arch, normalization=args.normalization, num_classes=args.num_classes,
+            unsafe_load=args.unsafe_load, attack=args.attack, attack_params=attack_params, device=args.device,
+            resume=args.resume, quiet=args.quiet, epoch_eval=not args.no_epoch_eval)
+        print("before: ", end="")
+        _print_metrics(metrics["before"])
+        print("after:  ", end="")
+        _print_metrics(metrics)
+        print(f"run folder: {args.out}")
+        return 0
+    if cmd == "evaluate":
+        params = _params(attacks.ATTACKS, args.attack, None, rest)
+        metrics = workflows.run_evaluate(
+            model=args.model, attack=args.attack, attack_params=params, dataset=args.dataset, data_dir=args.data_dir,
+            arch=args.arch, normalization=args.normalization, num_classes=args.num_classes,
+            unsafe_load=args.unsafe_load, device=args.device)
+        if args.json:
+            print(json.dumps(json_ready(metrics), indent=2))
+        else:
+            _print_metrics(metrics)
+        return 0
+    raise UserError(f"unknown command {cmd}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Backdoor defenses, looked up by name: ``defenses.create("nad", beta=(500, 1000, 1000))``."""
+from __future__ import annotations
+
+from ..registry import Registry
+from .base import Defense, OptimConfig, PurifyResult
+from .finetune import Finetune, FinetuneConfig
+from .nad import NAD, NADConfig
+
+DEFENSES: Registry[Defense] = Registry("defense")
+DEFENSES.register("finetune", FinetuneConfig)(Finetune)
+DEFENSES.register("nad", NADConfig)(NAD)
+
+
+def create(name: str, config=None, **params) -> Defense:
+    """Build defense ``name`` with its paper defaults, overridden by ``params``."""
+    return DEFENSES.create(name, config, **params)
+
+
+def names() -> list[str]:
+    return DEFENSES.names()
+
+
+__all__ = ["DEFENSES", "Defense", "PurifyResult", "create", "names", "Finetune", "NAD", "FinetuneConfig", "NADConfig"]

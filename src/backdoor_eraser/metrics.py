@@ -1,0 +1,52 @@
+"""Clean accuracy (ACC), attack success rate (ASR) and robust accuracy (RA), spec §1.4."""
+from __future__ import annotations
+
+import torch
+
+from .attacks.base import Attack, TriggeredTestSet
+from .classifier import Classifier
+from .data.dataset import ImageDataset
+
+
+def accuracy(model: Classifier, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
+    if len(images) == 0:
+        return float("nan")
+    return (model.predict(images, batch_size) == labels.cpu()).double().mean().item()
+
+
+def evaluate(model: Classifier, test: ImageDataset, attack: Attack | None = None,
+             triggered: TriggeredTestSet | None = None, batch_size: int = 512) -> dict:
+    """Metrics as fractions in [0, 1].
+
+    - ``acc``: accuracy on the whole clean test set;
+    - ``acc_nontarget``: on clean images whose label is not the target (the NAD/ARGD/ABL logs'
+      "clean ACC", e.g. 9,000 images on CIFAR-10); only for all-to-one attacks;
+    - ``asr``: share of triggered non-target images classified as their attack target;
+    - ``ra``: share of those classified as their true label.
+    Pass ``triggered`` to reuse a precomputed triggered set.
+    """
+    preds = model.predict(test.images, batch_size)
+    out = {"acc": (preds == test.labels).double().mean().item(), "n_test": len(test)}
+    if attack is None and triggered is None:
+        return out
+    if attack is not None and attack.config.mode == "all2one":
+        keep = test.labels != attack.config.target
+        out["acc_nontarget"] = (preds[keep] == test.labels[keep]).double().mean().item()
+    if triggered is None:
+        triggered = attack.triggered_test_set(test)
+    tpred = model.predict(triggered.images, batch_size)
+    out["asr"] = (tpred == triggered.target_labels).double().mean().item()
+    out["ra"] = (tpred == triggered.true_labels).double().mean().item()
+    out["n_triggered"] = len(triggered)
+    return out
+
+
+def format_table(rows: dict[str, dict], columns=("acc", "acc_nontarget", "asr", "ra")) -> str:
+    """A plain-text table of percentages, one row per model."""
+    cols = [c for c in columns if any(c in r for r in rows.values())]
+    head = f"{'model':<14}" + "".join(f"{c.upper().replace('_NONTARGET', ' (non-tgt)'):>16}" for c in cols)
+    lines = [head, "-" * len(head)]
+    for name, r in rows.items():
+        cells = "".join(f"{100 * r[c]:>15.2f}%" if c in r else f"{'-':>16}" for c in cols)
+        lines.append(f"{name:<14}{cells}")
+    return "\n".join(lines)

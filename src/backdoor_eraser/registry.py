@@ -1,0 +1,121 @@
+"""Name → (factory, config dataclass) registries for attacks, defenses, models and datasets."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Callable, Generic, TypeVar
+
+from .errors import UserError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Looks things up by name; unknown names raise a ``UserError`` listing the known ones."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, tuple[Callable[..., T], type | None, str]] = {}
+
+    def register(self, name: str, config: type | None = None, *, help: str = ""):
+        """Decorator: ``@REG.register("badnets", BadNetsConfig)`` on a class or function
+        whose call signature is ``factory(config)`` when ``config`` is given, else ``factory(**kwargs)``."""
+
+        def deco(factory):
+            key = name.lower()
+            if key in self._entries:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            doc = help or (factory.__doc__ or "").strip().splitlines()[0:1]
+            self._entries[key] = (factory, config, doc if isinstance(doc, str) else (doc[0] if doc else ""))
+            return factory
+
+        return deco
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name.lower() in self._entries
+
+    def _entry(self, name: str):
+        try:
+            return self._entries[name.lower()]
+        except KeyError:
+            raise UserError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}") from None
+
+    def get(self, name: str) -> Callable[..., T]:
+        """The registered factory itself."""
+        return self._entry(name)[0]
+
+    def config_class(self, name: str) -> type | None:
+        return self._entry(name)[1]
+
+    def summary(self, name: str) -> str:
+        return self._entry(name)[2]
+
+    def make_config(self, name: str, **kwargs) -> Any:
+        """Build the typed config of ``name`` from keyword values, rejecting unknown keys."""
+        cfg_cls = self.config_class(name)
+        if cfg_cls is None:
+            raise UserError(f"{self.kind} {name!r} takes no config")
+        return build_config(cfg_cls, kwargs, what=f"{self.kind} {name!r}")
+
+    def create(self, name: str, config: Any = None, **kwargs) -> T:
+        factory, cfg_cls, _ = self._entry(name)
+        if cfg_cls is None:
+            if config is not None:
+                raise UserError(f"{self.kind} {name!r} takes no config object")
+            return factory(**kwargs)
+        if config is None:
+            config = self.make_config(name, **kwargs)
+        elif kwargs:
+            config = dataclasses.replace(config, **kwargs)
+        return factory(config)
+
+
+def config_fields(cfg_cls: type) -> list[tuple[str, Any, Any]]:
+    """(name, type, default) of each field of a config dataclass, with string annotations resolved."""
+    hints = typing.get_type_hints(cfg_cls)
+    out = []
+    for f in dataclasses.fields(cfg_cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = dataclasses.MISSING
+        out.append((f.name, hints.get(f.name, Any), default))
+    return out
+
+
+def build_config(cfg_cls: type, values: dict[str, Any], what: str = "config"):
+    """Instantiate ``cfg_cls`` from ``values`` (keys may use '-' for '_'), coercing lists to tuples."""
+    known = {name: (typ, default) for name, typ, default in config_fields(cfg_cls)}
+    clean = {}
+    for key, value in values.items():
+        k = key.replace("-", "_")
+        if k not in known:
+            raise UserError(f"{what} has no parameter {key!r}; parameters: {', '.join(known)}")
+        default = known[k][1]
+        if isinstance(value, list) and isinstance(default, tuple):
+            value = tuple(value)
+        clean[k] = value
+    try:
+        return cfg_cls(**clean)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"bad {what} parameters: {exc}") from None
+
+
+def config_to_dict(cfg) -> dict[str, Any]:
+    """JSON-ready dict of a config dataclass (tuples become lists)."""
+    return json_ready(dataclasses.asdict(cfg))
+
+
+def json_ready(obj):
+    if isinstance(obj, dict):
+        return {str(k): json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
+        return obj.item()
+    return obj

@@ -1,0 +1,65 @@
+"""Command-line behaviour on bad input: one error line, non-zero exit, no traceback."""
+import json
+
+import pytest
+import torch
+
+from backdoor_eraser.cli import main
+from backdoor_eraser.classifier import Normalization
+from backdoor_eraser.params import parse_param_flags
+from backdoor_eraser.defenses.nad import NADConfig
+from backdoor_eraser.errors import UserError
+from backdoor_eraser.runs import new_model, save_run
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["attack", "--dataset", "cifar10", "--data-dir", "/no/such/dir", "--attack", "badnets", "--out", "x"], "/no/such/dir"),
+    (["attack", "--dataset", "synthetic", "--attack", "nope", "--out", "x"], "unknown attack 'nope'; known: badnets, blend, trojan"),
+    (["attack", "--dataset", "synthetic", "--arch", "vgg-99", "--attack", "badnets", "--out", "x", "--epochs", "0"],
+     "unknown architecture 'vgg-99'"),
+    (["attack", "--dataset", "synthetic", "--attack", "badnets", "--out", "x", "--alpha", "0.3"],
+     "attack 'badnets' has no parameter --alpha"),
+    (["purify", "--model", "/no/model", "--method", "nope", "--out", "x"], "unknown defense 'nope'; known: finetune, nad"),
+    (["purify", "--model", "/no/model", "--method", "nad", "--out", "x", "--clean-fraction", "1.5"], "--clean-fraction must be in (0, 1]"),
+    (["purify", "--model", "/no/model", "--method", "nad", "--out", "x"], "does not exist"),
+    (["evaluate", "--model", "/no/model"], "does not exist"),
+])
+def test_bad_input_is_one_error_line(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert lines[-1].startswith("error: ") and message in lines[-1]
+    assert "Traceback" not in err
+
+
+def test_param_flags_are_typed():
+    got = parse_param_flags(NADConfig, ["--beta", "1,2,3", "--distance=paper", "--epochs", "4"], "defense 'nad'")
+    assert got == {"beta": (1.0, 2.0, 3.0), "distance": "paper", "epochs": 4}
+    with pytest.raises(UserError, match="cannot read 'x' as int"):
+        parse_param_flags(NADConfig, ["--epochs", "x"], "defense 'nad'")
+
+
+def test_listings(capsys):
+    code, out, _ = run_cli(capsys, "defenses")
+    assert code == 0 and "nad:" in out and "--beta" in out and "(500.0, 1000.0, 1000.0)" in out
+    code, out, _ = run_cli(capsys, "attacks")
+    assert code == 0 and "--key-image" in out
+
+
+def test_evaluate_json_on_a_bare_checkpoint(capsys, tmp_path):
+    m = new_model("wrn-16-1", [str(i) for i in range(10)], (3, 32, 32), Normalization(), seed=0)
+    torch.save({"state_dict": m.net.state_dict()}, tmp_path / "m.pth")
+    code, out, err = run_cli(capsys, "evaluate", "--model", str(tmp_path / "m.pth"), "--arch", "wrn-16-1",
+                             "--normalization", "none", "--dataset", "synthetic", "--attack", "badnets",
+                             "--target", "5", "--json", "--device", "cpu")
+    assert code == 0, err
+    got = json.loads(out)
+    assert got["attack"]["config"]["target"] == 5 and got["n_test"] == 1000 and got["n_triggered"] == 900
+    assert 0 <= got["asr"] <= 1 and 0 <= got["acc"] <= 1
