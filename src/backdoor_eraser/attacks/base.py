@@ -109,6 +109,16 @@ class Attack:
         if state:
             raise UserError(f"attack {self.name!r} has no trigger state to load")
 
+    # -- optional stages for attacks that need more than a fixed trigger -------------------
+    def fit_trigger(self, train: ImageDataset, *, seed: int = 0, device="cpu") -> None:
+        """Build data-dependent trigger state before poisoning (e.g. an optimised patch or a
+        surrogate model for adversarial perturbations). Default: nothing to do."""
+
+    def training_batch_hook(self, num_classes: int):
+        """A ``batch_hook(x_uint8, y, generator) -> (x, y)`` for the trainer when poisoning happens
+        on the fly per batch (e.g. WaNet's warp and noise modes); ``None`` when ``poison`` does it all."""
+        return None
+
     # -- labels -----------------------------------------------------------------------------
     def target_labels(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
         """The label each triggered image should be classified as."""
