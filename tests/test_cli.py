@@ -63,3 +63,11 @@ def test_evaluate_json_on_a_bare_checkpoint(capsys, tmp_path):
     got = json.loads(out)
     assert got["attack"]["config"]["target"] == 5 and got["n_test"] == 1000 and got["n_triggered"] == 900
     assert 0 <= got["asr"] <= 1 and 0 <= got["acc"] <= 1
+
+
+def test_show_trigger_writes_png(capsys, tmp_path):
+    out = tmp_path / "t.png"
+    code, stdout, err = run_cli(capsys, "show-trigger", "--attack", "badnets", "--position", "four-corners",
+                                "--count", "3", "--out", str(out))
+    assert code == 0, err
+    assert out.read_bytes()[:4] == b"\x89PNG" and str(out) in stdout

@@ -104,6 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     _add_common(p)
 
+    p = sub.add_parser("show-trigger", help="write a PNG of clean and triggered examples; extra --name value "
+                       "flags set attack parameters")
+    p.add_argument("--attack", required=True)
+    p.add_argument("--dataset", default="synthetic")
+    p.add_argument("--data-dir")
+    p.add_argument("--params", help="YAML file of attack parameters (flags override it)")
+    p.add_argument("--count", type=int, default=8, help="number of example images (default 8)")
+    p.add_argument("--amplify", type=float, default=5.0, help="factor for the difference row (default 5)")
+    p.add_argument("--out", required=True, help="PNG path")
+    _add_common(p)
+
     sub.add_parser("attacks", help="list attacks and their parameters")
     sub.add_parser("defenses", help="list defenses and their parameters")
     return ap
@@ -195,6 +206,13 @@ def _run(args, rest) -> int:
         print("after:  ", end="")
         _print_metrics(metrics)
         print(f"run folder: {args.out}")
+        return 0
+    if cmd == "show-trigger":
+        params = _params(attacks.ATTACKS, args.attack, args.params, rest)
+        path = workflows.run_show_trigger(attack=args.attack, attack_params=params, dataset=args.dataset,
+                                          data_dir=args.data_dir, out=args.out, count=args.count,
+                                          amplify=args.amplify, seed=args.seed)
+        print(f"wrote {path}")
         return 0
     if cmd == "evaluate":
         params = _params(attacks.ATTACKS, args.attack, None, rest)

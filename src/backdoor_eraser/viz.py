@@ -55,3 +55,34 @@ def attention_figure(models: dict[str, Classifier], image: torch.Tensor, path: s
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def trigger_figure(attack, images: torch.Tensor, path: str | Path, *, amplify: float = 5.0,
+                   title: str | None = None) -> Path:
+    """Save a PNG: clean images (row 1), triggered images (row 2) and |triggered − clean|·``amplify``
+    (row 3, which makes subtle triggers such as WaNet's warp or a blend visible)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    triggered = attack(images)
+    diff = ((triggered.float() - images.float()).abs() * amplify).clamp(0, 255).to(torch.uint8)
+    rows = [("clean", images), ("triggered", triggered), (f"|diff| ×{amplify:g}", diff)]
+    n = len(images)
+    fig, axes = plt.subplots(3, n, figsize=(1.3 * n, 4.2), squeeze=False)
+    for r, (name, batch) in enumerate(rows):
+        for c in range(n):
+            img = batch[c].permute(1, 2, 0).cpu().numpy()
+            axes[r][c].imshow(img.squeeze(), cmap="gray" if img.shape[-1] == 1 else None, vmin=0, vmax=255)
+            axes[r][c].set_xticks([])
+            axes[r][c].set_yticks([])
+        axes[r][0].set_ylabel(name, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

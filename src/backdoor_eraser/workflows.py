@@ -163,6 +163,23 @@ def run_evaluate(*, model: str | Path, attack: str | None = None, attack_params:
     return metrics
 
 
+def run_show_trigger(*, attack: str, attack_params: dict | None = None, dataset: str = "synthetic",
+                     data_dir: str | None = None, out: str | Path, count: int = 8, amplify: float = 5.0,
+                     seed: int = 0) -> Path:
+    """PNG of ``count`` test images of different non-target classes, clean and triggered."""
+    from .viz import trigger_figure
+
+    atk = attacks.create(attack, **(attack_params or {}))
+    splits = load_data(dataset, data_dir, {})
+    atk.fit_trigger(splits.train, seed=seed, device="cpu")
+    triggered = atk.triggered_test_set(splits.test)
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(triggered), generator=g)[:count]
+    images = splits.test.images[triggered.source_index[pick]]
+    return trigger_figure(atk, images, out, amplify=amplify,
+                          title=f"{atk.name} on {dataset} (target {getattr(atk.config, 'target', '?')})")
+
+
 def run_demo(out: str | Path = "runs/demo", *, device="auto", seed: int = 0, quiet: bool = False) -> dict:
     """Backdoor a WRN-16-1 on the built-in synthetic data, erase it with fine-tuning and NAD, compare."""
     from .viz import attention_figure

@@ -339,9 +339,9 @@ def load_cifar10(data_dir, *, download: bool = False, cache_dir: str | Path | bo
     if download:
         return load_tarball(download_cifar10(path))
     if not path.exists():
-        raise UserError(f"cifar10 data folder {path} does not exist (pass download=True to fetch it)")
+        raise UserError(f"cifar10 data folder {path} does not exist (--download, or download=True, fetches it)")
     raise UserError(f"no CIFAR-10 data in {path}: expected {TARBALL_NAME}, a {BATCHES_DIR} folder or "
-                    "train/<class>/ and test/<class>/ image folders (or pass download=True)")
+                    "train/<class>/ and test/<class>/ image folders (--download fetches the tarball)")
 
 
 DATASETS.register("cifar10", help="CIFAR-10: official tarball, cifar-10-batches-py, or a JPEG/PNG class tree")(load_cifar10)
