@@ -20,7 +20,7 @@ def run_cli(capsys, *argv):
 
 @pytest.mark.parametrize("argv, message", [
     (["attack", "--dataset", "cifar10", "--data-dir", "/no/such/dir", "--attack", "badnets", "--out", "x"], "/no/such/dir"),
-    (["attack", "--dataset", "synthetic", "--attack", "nope", "--out", "x"], "unknown attack 'nope'; known: badnets, blend, trojan"),
+    (["attack", "--dataset", "synthetic", "--attack", "nope", "--out", "x"], "unknown attack 'nope'; known: badnets, blend, multi-trigger, patch, refool, sig, trojan, wanet"),
     (["attack", "--dataset", "synthetic", "--arch", "vgg-99", "--attack", "badnets", "--out", "x", "--epochs", "0"],
      "unknown architecture 'vgg-99'"),
     (["attack", "--dataset", "synthetic", "--attack", "badnets", "--out", "x", "--alpha", "0.3"],

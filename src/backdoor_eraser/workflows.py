@@ -59,14 +59,16 @@ def run_attack(*, dataset: str, data_dir: str | None, arch: str, attack: str, at
     splits = splits or load_data(dataset, data_dir, data_options)
     atk.fit_trigger(splits.train, seed=seed, device=dev)
     poisoned = atk.poison(splits.train, seed=seed)
-    say(f"{atk.name}: poisoned {int(poisoned.poison_flag.sum())} of {len(poisoned)} training images "
-        f"(target {atk.config.target}, {atk.config.mode}, {atk.config.label_mode}-label)", quiet)
+    batch_hook = atk.training_batch_hook(splits.train.num_classes)
+    how = (f"poisons {atk.config.rate:.0%} of every batch on the fly" if batch_hook else
+           f"poisoned {int(poisoned.poison_flag.sum())} of {len(poisoned)} training images")
+    say(f"{atk.name}: {how} (target {atk.config.target}, {atk.config.mode}, {atk.config.label_mode}-label)", quiet)
     model = new_model(arch, splits.train.classes, splits.train.shape, Normalization.parse(normalization), dev, seed)
     triggered = atk.triggered_test_set(splits.test)
     eval_fn = (lambda m: evaluate(m, splits.test, atk, triggered)) if epoch_eval else None
     res = Trainer(train, desc=f"attack {atk.name}", quiet=quiet).fit(
         model, poisoned, eval_fn=eval_fn, run_dir=out, resume=resume,
-        batch_hook=atk.training_batch_hook(splits.train.num_classes))
+        batch_hook=batch_hook)
     metrics = evaluate(model, splits.test, atk, triggered)
     metrics.update(epochs=res.epochs, steps=res.steps, train_seconds=res.seconds)
     meta = {"kind": "attack", "dataset": dataset_record(dataset, data_dir, data_options), "attack": atk.describe(),

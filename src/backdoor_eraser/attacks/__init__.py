@@ -5,12 +5,21 @@ from ..registry import Registry
 from .badnets import BadNets, BadNetsConfig
 from .base import Attack, PoisonConfig, PoisonedDataset, TriggeredTestSet
 from .blend import Blend, BlendConfig
+from .patch import MultiTrigger, MultiTriggerConfig, Patch, PatchConfig
+from .refool import Refool, RefoolConfig
+from .sig import SIG, SIGConfig
 from .trojan import Trojan, TrojanConfig
+from .wanet import WaNet, WaNetConfig
 
 ATTACKS: Registry[Attack] = Registry("attack")
 ATTACKS.register("badnets", BadNetsConfig)(BadNets)
 ATTACKS.register("blend", BlendConfig)(Blend)
 ATTACKS.register("trojan", TrojanConfig)(Trojan)
+ATTACKS.register("sig", SIGConfig)(SIG)
+ATTACKS.register("wanet", WaNetConfig)(WaNet)
+ATTACKS.register("refool", RefoolConfig)(Refool)
+ATTACKS.register("patch", PatchConfig)(Patch)
+ATTACKS.register("multi-trigger", MultiTriggerConfig)(MultiTrigger)
 
 
 def create(name: str, config=None, **params) -> Attack:
@@ -31,4 +40,4 @@ def from_description(desc: dict, trigger_state: dict | None = None) -> Attack:
 
 
 __all__ = ["ATTACKS", "Attack", "PoisonConfig", "PoisonedDataset", "TriggeredTestSet", "create", "names",
-           "from_description", "BadNets", "Blend", "Trojan"]
+           "from_description", "BadNets", "Blend", "Trojan", "SIG", "WaNet", "Refool", "Patch", "MultiTrigger"]

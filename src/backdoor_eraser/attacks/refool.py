@@ -1,0 +1,288 @@
+"""Refool (Liu, Ma, Bailey, Lu, ECCV 2020): clean-label reflection backdoor (spec §4.6)."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.dataset import ImageDataset
+from ..errors import UserError
+from .base import Attack, PoisonConfig, PoisonedDataset
+
+GAMMA = 2.2
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+MAX_BLUR_RADIUS = 10        # ceil(2σ) for σ ≤ 5: kernels of at most 21 taps
+MASK_NSIG = 3               # the spatial weight mask spans ±3σ of a Gaussian over the image
+CHUNK = 512                 # images per vectorised step, to bound float64 temporaries
+# Streams of per-image randomness: poisoning draws from (POISON, seed, index); test-time triggers
+# from (TEST, content hash), so an image gets the same reflection however it is batched.
+POISON_STREAM, TEST_STREAM = 1, 2
+
+
+@dataclass
+class RefoolConfig(PoisonConfig):
+    """Clean-label on ``rate`` = 20 % of the target class. Reflections come from ``reflection_dir``
+    (image files, resized to the image size) or, when None, from ``pool_size`` training images of
+    non-target classes drawn with the run seed. ``ghost_prob`` picks the ghost-effect model, else
+    the out-of-focus (blur) model."""
+
+    target: int = 0
+    rate: float = 0.2
+    label_mode: str = "clean"
+    reflection_dir: str | None = None
+    pool_size: int = 200
+    ghost_prob: float = 0.39
+
+
+@dataclass
+class BlendParams:
+    """Per-image random choices of the reflection model (one entry per image)."""
+
+    reflection: torch.Tensor   # int64, index into the pool
+    ghost: torch.Tensor        # bool, ghost model (else blur)
+    alpha_t: torch.Tensor      # transmission weight 1 − U(0.05, 0.45)
+    dy: torch.Tensor           # ghost shift, rows, in [3, 8]
+    dx: torch.Tensor           # ghost shift, cols, in [3, 8]
+    ghost_w: torch.Tensor      # g = |s − U(0.15, 0.5)|, s ∈ {0, 1}
+    sigma: torch.Tensor        # blur σ ~ U(1, 5)
+    att: torch.Tensor          # overflow attenuation U(1.08, 1.18)
+
+    def take(self, idx: torch.Tensor) -> "BlendParams":
+        return BlendParams(*(getattr(self, f.name)[idx] for f in fields(self)))
+
+
+def draw_params(keys: list[tuple[int, ...]], pool_len: int, ghost_prob: float) -> BlendParams:
+    """One independent numpy stream per image, seeded by its key, so choices never depend on batching."""
+    # numpy seeds must be non-negative; a negative run seed maps to its 64-bit two's complement.
+    u = torch.from_numpy(np.stack([np.random.default_rng([v % (1 << 64) for v in k]).random(9) for k in keys]))
+    s = (u[:, 5] > 0.5).double()
+    return BlendParams(
+        reflection=(u[:, 2] * pool_len).long().clamp_(max=pool_len - 1),
+        ghost=u[:, 0] < ghost_prob,
+        alpha_t=1 - (0.05 + 0.40 * u[:, 1]),
+        dy=3 + (u[:, 3] * 6).long().clamp_(max=5),
+        dx=3 + (u[:, 4] * 6).long().clamp_(max=5),
+        ghost_w=(s - (0.15 + 0.35 * u[:, 6])).abs(),
+        sigma=1 + 4 * u[:, 7],
+        att=1.08 + 0.10 * u[:, 8],
+    )
+
+
+def ghost_reflection(r: torch.Tensor, dy: int, dx: int, g: torch.Tensor) -> torch.Tensor:
+    """Double reflection: g·r plus (1 − g)·(r shifted by (dy, dx)), cropped to where both copies
+    overlap and resized back (bilinear, half-pixel centres) to the image size."""
+    n, c, h, w = r.shape
+    first = F.pad(r, (0, dx, 0, dy))
+    second = F.pad(r, (dx, 0, dy, 0))
+    g = g.view(-1, 1, 1, 1)
+    both = g * first + (1 - g) * second
+    return F.interpolate(both[..., dy:h, dx:w], size=(h, w), mode="bilinear", align_corners=False)
+
+
+def gaussian_blur(r: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur with one σ per image (taps 2·ceil(2σ)+1, reflect-101 borders)."""
+    n, c, h, w = r.shape
+    radius = min(MAX_BLUR_RADIUS, h - 1, w - 1)
+    offsets = torch.arange(-radius, radius + 1, dtype=r.dtype, device=r.device)
+    sig = sigma.to(r).view(-1, 1)
+    taps = torch.exp(-offsets.pow(2) / (2 * sig.pow(2)))
+    # Each image keeps only its own 2·ceil(2σ)+1 taps; zeros beyond pad all kernels to one size.
+    taps = taps * (offsets.abs() <= torch.ceil(2 * sig).clamp(max=radius))
+    taps = (taps / taps.sum(1, keepdim=True)).repeat_interleave(c, 0)   # (N·C)×K
+    x = r.reshape(1, n * c, h, w)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), taps[:, None, None, :], groups=n * c)
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), taps[:, None, :, None], groups=n * c)
+    return x.view(n, c, h, w)
+
+
+def spatial_mask(h: int, w: int, dtype=torch.float64, device="cpu") -> torch.Tensor:
+    """H×W weight peaking at 1 in the centre: the square root of the outer product of two
+    Gaussian bin masses over ±3σ (the image spans the whole kernel, as for 32-px CIFAR)."""
+
+    def bins(length: int) -> torch.Tensor:
+        step = (2 * MASK_NSIG + 1) / length
+        edges = torch.linspace(-MASK_NSIG - step / 2, MASK_NSIG + step / 2, length + 1, dtype=dtype)
+        return torch.special.ndtr(edges).diff()
+
+    mask = torch.outer(bins(h), bins(w)).sqrt()
+    return (mask / mask.max()).to(device)
+
+
+def blur_blend(t: torch.Tensor, r: torch.Tensor, p: BlendParams) -> torch.Tensor:
+    """Out-of-focus model on gamma-linear t, r: blurred reflection, overflow pulled back, weighted
+    by the spatial mask × (1 − α_t/2), added to α_t·t."""
+    n, c, h, w = t.shape
+    r_blur = gaussian_blur(r, p.sigma)
+    total = r_blur + t
+    over = total > 1
+    # Mean of the overflowing pixels per image and channel (at least 1, so no overflow → no change).
+    mean = ((total * over).sum((2, 3)) / (over.sum((2, 3)) + 1e-6)).clamp(min=1)
+    r_blur = (r_blur - ((mean - 1) * p.att.to(t).view(-1, 1))[..., None, None]).clamp(0, 1)
+    alpha = p.alpha_t.to(t).view(-1, 1, 1, 1)
+    weight = spatial_mask(h, w, t.dtype, t.device) * (1 - alpha / 2)
+    return r_blur * weight + alpha * t
+
+
+def ghost_blend(t: torch.Tensor, r: torch.Tensor, p: BlendParams) -> torch.Tensor:
+    """Ghost model on gamma-linear t, r: α_t·t + (1 − α_t)·ghost(r), shifts grouped so each
+    distinct (dy, dx) is one batched call."""
+    r_g = torch.empty_like(r)
+    shifts = torch.stack((p.dy, p.dx), 1)
+    for dy, dx in torch.unique(shifts, dim=0).tolist():
+        sel = torch.nonzero((shifts[:, 0] == dy) & (shifts[:, 1] == dx)).flatten()
+        r_g[sel.to(r.device)] = ghost_reflection(r[sel.to(r.device)], dy, dx, p.ghost_w[sel].to(r))
+    alpha = p.alpha_t.to(t).view(-1, 1, 1, 1)
+    return alpha * t + (1 - alpha) * r_g
+
+
+def reflect(images: torch.Tensor, reflections: torch.Tensor, p: BlendParams) -> torch.Tensor:
+    """Blend reflection ``reflections[i]`` into ``images[i]`` (uint8 N×C×H×W) with the spec §4.6 models."""
+    t = (images.double() / 255).pow(GAMMA)
+    r = (reflections.to(images.device).double() / 255).pow(GAMMA)
+    out = torch.empty_like(t)
+    ghost = p.ghost.to(images.device)
+    for branch, sel in ((ghost_blend, ghost), (blur_blend, ~ghost)):
+        idx = torch.nonzero(sel).flatten()
+        if len(idx):
+            out[idx] = branch(t[idx], r[idx], p.take(idx.cpu()))
+    # Truncation, like the release's np.uint8(blended·255).
+    return (out.pow(1 / GAMMA).clamp(0, 1) * 255).to(torch.uint8)
+
+
+def content_keys(images: torch.Tensor) -> list[int]:
+    """A stable 63-bit key per image from its pixels."""
+    arr = images.cpu().contiguous().numpy()
+    return [int.from_bytes(hashlib.blake2b(a.tobytes(), digest_size=8).digest(), "little") >> 1 for a in arr]
+
+
+def load_reflection_dir(path: str | Path, c: int, h: int, w: int) -> torch.Tensor:
+    """Every image file in ``path`` (sorted by name) as uint8 N×C×H×W, resized (bilinear) to h×w."""
+    from PIL import Image
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UserError(f"refool reflection folder {str(folder)!r} does not exist")
+    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+    if not files:
+        raise UserError(f"refool reflection folder {str(folder)!r} holds no images")
+    arrays = []
+    for f in files:
+        try:
+            img = Image.open(f).convert("RGB" if c == 3 else "L").resize((w, h), Image.BILINEAR)
+        except OSError as exc:
+            raise UserError(f"cannot read reflection image {str(f)!r}: {exc}") from None
+        a = np.asarray(img, dtype=np.uint8)
+        arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+    return torch.from_numpy(np.stack(arrays).copy())
+
+
+class Refool(Attack):
+    """Refool: reflections blended into target-class images, labels kept.
+
+    Liu, Ma, Bailey, Lu, "Reflection backdoor: a natural backdoor attack on deep neural networks"
+    (ECCV 2020); spec §4.6, with the blending models of the Refool/ARGD code: ghost effect with
+    probability 0.39, else out-of-focus blur, α_t = 1 − U(0.05, 0.45), gamma 2.2. Each poisoned image
+    draws its reflection and blend parameters from a stream seeded by (run seed, original index);
+    each test image from one seeded by a hash of its pixels.
+    Deviations: no adversarial selection of reflection candidates (the paper's iterative search
+    needs trained models); the default pool is ``pool_size`` non-target training images (the paper
+    used PascalVOC; ARGD used one CIFAR image for all samples) or a user folder; the same-depth
+    "clear" model of the paper is not drawn, as in the code; the spatial mask assumes the image spans
+    the whole ±3σ kernel (the code's offset is 0 when the image is as large as the kernel).
+    """
+
+    name = "refool"
+    default_label_mode = "clean"
+
+    def __init__(self, config: RefoolConfig):
+        if config.pool_size < 1:
+            raise UserError(f"refool pool_size must be ≥ 1, got {config.pool_size}")
+        if not 0 <= config.ghost_prob <= 1:
+            raise UserError(f"refool ghost_prob must be in [0, 1], got {config.ghost_prob}")
+        super().__init__(config)
+        self._pool: torch.Tensor | None = None
+        self._pool_index: torch.Tensor | None = None
+
+    # -- the reflection pool ----------------------------------------------------------------
+    def fit_trigger(self, train: ImageDataset, *, seed: int = 0, device="cpu") -> None:
+        """Read the reflection folder, or draw the pool from the training set's non-target classes."""
+        if self.config.reflection_dir:
+            self._pool = load_reflection_dir(self.config.reflection_dir, *train.shape)
+            return
+        self._check_target(train.num_classes)
+        others = torch.nonzero(train.labels != self.config.target).flatten()
+        if not len(others):
+            raise UserError("refool needs non-target training images to draw reflections from")
+        g = torch.Generator().manual_seed(seed)
+        pos = torch.sort(others[torch.randperm(len(others), generator=g)[:self.config.pool_size]]).values
+        self._pool = train.images[pos].clone()
+        self._pool_index = train.index[pos].clone()
+
+    def pool(self, shape: tuple[int, int, int]) -> torch.Tensor:
+        """The reflection images, uint8 P×C×H×W, for images of ``shape``."""
+        if self._pool is None and self.config.reflection_dir:
+            self._pool = load_reflection_dir(self.config.reflection_dir, *shape)
+        if self._pool is None:
+            raise UserError("refool has no reflection pool: call fit_trigger on the training set, "
+                            "load the run's trigger state or set reflection_dir")
+        if tuple(self._pool.shape[1:]) != tuple(shape):
+            raise UserError(f"refool reflections are {tuple(self._pool.shape[1:])}, the images {tuple(shape)}")
+        return self._pool
+
+    def trigger_state(self) -> dict[str, torch.Tensor]:
+        state = {}
+        if self._pool is not None:
+            state["pool"] = self._pool.clone()
+        if self._pool_index is not None:
+            state["pool_index"] = self._pool_index.clone()
+        return state
+
+    def load_trigger_state(self, state: dict[str, torch.Tensor]) -> None:
+        if "pool" in state:
+            self._pool = state["pool"].to(torch.uint8)
+        if "pool_index" in state:
+            self._pool_index = state["pool_index"].to(torch.int64)
+
+    def describe(self) -> dict:
+        desc = super().describe()
+        if self.config.reflection_dir:
+            desc["reflection_source"] = {"folder": str(Path(self.config.reflection_dir).resolve())}
+        elif self._pool_index is not None:
+            desc["reflection_source"] = {"train_indices": self._pool_index.tolist()}
+        return desc
+
+    # -- trigger and poisoning --------------------------------------------------------------
+    def add_reflections(self, images: torch.Tensor, keys: list[tuple[int, ...]]) -> torch.Tensor:
+        """Reflect image i with the parameters drawn from stream ``keys[i]``."""
+        pool = self.pool(tuple(images.shape[1:]))
+        if min(images.shape[-2:]) <= 8:
+            raise UserError("refool's ghost shift of up to 8 px needs images larger than 8×8")
+        out = []
+        for i in range(0, len(images), CHUNK):
+            p = draw_params(keys[i:i + CHUNK], len(pool), self.config.ghost_prob)
+            out.append(reflect(images[i:i + CHUNK], pool[p.reflection], p))
+        return torch.cat(out) if out else images.clone()
+
+    def apply_trigger(self, images: torch.Tensor) -> torch.Tensor:
+        return self.add_reflections(images, [(TEST_STREAM, k) for k in content_keys(images)])
+
+    def poison(self, dataset: ImageDataset, seed: int = 0) -> PoisonedDataset:
+        """Reflect the selected images, each with its own stream seeded by (seed, original index)."""
+        self._check_target(dataset.num_classes)
+        if self._pool is None and not self.config.reflection_dir:
+            self.fit_trigger(dataset, seed=seed)
+        pos = self.select_poison(dataset, seed)
+        images, labels = dataset.images.clone(), dataset.labels.clone()
+        if len(pos):
+            keys = [(POISON_STREAM, seed, int(i)) for i in dataset.index[pos]]
+            images[pos] = self.add_reflections(dataset.images[pos], keys)
+            if self.config.label_mode == "poisoned":
+                labels[pos] = self.target_labels(dataset.labels[pos], dataset.num_classes)
+        flag = torch.zeros(len(dataset), dtype=torch.bool)
+        flag[pos] = True
+        return PoisonedDataset(images, labels, list(dataset.classes), f"{dataset.name}-{self.name}",
+                               dataset.index.clone(), flag, dataset.labels.clone())
