@@ -67,8 +67,8 @@ def run_attack(*, dataset: str, data_dir: str | None, arch: str, attack: str, at
     triggered = atk.triggered_test_set(splits.test)
     eval_fn = (lambda m: evaluate(m, splits.test, atk, triggered)) if epoch_eval else None
     res = Trainer(train, desc=f"attack {atk.name}", quiet=quiet).fit(
-        model, poisoned, eval_fn=eval_fn, run_dir=out, resume=resume,
-        batch_hook=batch_hook)
+        model, poisoned, eval_fn=eval_fn, run_dir=out, resume=resume, batch_hook=batch_hook,
+        objective=atk.training_objective(model, splits.train.num_classes), extra_params=atk.training_parameters())
     metrics = evaluate(model, splits.test, atk, triggered)
     metrics.update(epochs=res.epochs, steps=res.steps, train_seconds=res.seconds)
     meta = {"kind": "attack", "dataset": dataset_record(dataset, data_dir, data_options), "attack": atk.describe(),

@@ -119,6 +119,16 @@ class Attack:
         on the fly per batch (e.g. WaNet's warp and noise modes); ``None`` when ``poison`` does it all."""
         return None
 
+    def training_objective(self, model, num_classes: int):
+        """An objective ``(logits, inputs, labels) -> (loss, terms)`` replacing plain cross-entropy
+        during attack training, for attacks whose trigger is learned jointly with the classifier
+        (e.g. input-aware dynamic); ``None`` for plain cross-entropy."""
+        return None
+
+    def training_parameters(self) -> list:
+        """Extra parameters the trainer optimises together with the model (e.g. a trigger generator)."""
+        return []
+
     # -- labels -----------------------------------------------------------------------------
     def target_labels(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
         """The label each triggered image should be classified as."""

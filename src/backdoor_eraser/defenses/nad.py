@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from ..classifier import Classifier
 from ..errors import UserError
 from ..models.taps import FeatureTaps
-from ..training import Trainer
+from ..runs import new_model
+from ..training import Trainer, TrainConfig
 from .attention import ATTENTION_FUNCTIONS, DISTANCES, attention_distance, attention_map, normalize_map
 from .base import Defense, OptimConfig, PurifyResult
 
@@ -20,7 +21,13 @@ class NADConfig(OptimConfig):
     """Defaults: the release's β = (500, 1000, 1000) with its mean-squared distance (``distance='code'``);
     ``distance='paper'`` uses the paper's per-sample L2 norm. Attention = mean over channels of |a|^p,
     p = 2, flattened and L2-normalised. Teacher: the backdoored model fine-tuned for ``teacher_epochs``
-    on the clean subset with the same optimiser. ``sites`` defaults to the model's residual groups."""
+    on the clean subset with the same optimiser. ``sites`` defaults to the model's residual groups.
+
+    Teacher studies of the NAD paper (Fig. 4: fine-tuned backdoored vs. clean-from-scratch teacher;
+    Table 2: other architectures): ``teacher="scratch"`` trains a fresh ``teacher_arch`` model (default
+    the student's) on the clean subset for ``teacher_epochs``. A ``teacher_arch`` other than the
+    student's implies ``scratch``, since a backdoored model cannot be fine-tuned into another
+    architecture; its attention maps are pooled to the student's size where they differ."""
 
     beta: tuple[float, ...] = (500.0, 1000.0, 1000.0)
     p: float = 2.0
@@ -29,14 +36,56 @@ class NADConfig(OptimConfig):
     teacher_epochs: int = 10
     sites: tuple[str, ...] | None = None
     teacher_sites: tuple[str, ...] | None = None
+    teacher: str = "finetune"
+    teacher_arch: str | None = None
 
     def check(self):
+        check_teacher(self.teacher)
         if self.distance not in DISTANCES:
             raise UserError(f"NAD distance must be one of {', '.join(DISTANCES)}, got {self.distance!r}")
         if self.attention not in ATTENTION_FUNCTIONS:
             raise UserError(f"NAD attention must be one of {', '.join(ATTENTION_FUNCTIONS)}, got {self.attention!r}")
         if self.p <= 0:
             raise UserError(f"attention power p must be > 0, got {self.p}")
+
+
+TEACHERS = ("finetune", "scratch")
+
+
+def check_teacher(kind: str):
+    if kind not in TEACHERS:
+        raise UserError(f"teacher must be one of {', '.join(TEACHERS)}, got {kind!r}")
+
+
+def freeze(teacher: Classifier) -> Classifier:
+    teacher.net.eval()
+    for p in teacher.net.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def make_teacher(model: Classifier, clean, train: TrainConfig, *, kind: str = "finetune", arch: str | None = None,
+                 run_dir: Path | None = None, resume: bool = False, quiet: bool = False, desc: str = "teacher"
+                 ) -> tuple[Classifier, dict]:
+    """A frozen distillation teacher trained on the clean subset, and its bookkeeping.
+
+    ``finetune``: the backdoored model fine-tuned (NAD's B-F teacher, spec §5.4); ``scratch``: a fresh
+    ``arch`` model (default the student's; initialisation seeded by ``train.seed``), NAD Fig. 4's C
+    teacher. Another architecture than the student's is always trained from scratch.
+    """
+    check_teacher(kind)
+    arch = arch or model.arch
+    if arch != model.arch:
+        kind = "scratch"
+    if kind == "finetune":
+        teacher = model.copy()
+    else:
+        teacher = new_model(arch, model.classes, model.input_shape, model.normalization, device=model.device,
+                            seed=train.seed)
+    res = Trainer(train, desc=desc, quiet=quiet).fit(teacher, clean, run_dir=run_dir, resume=resume)
+    info = {"teacher": kind, "teacher_arch": arch, "teacher_epochs": res.epochs, "teacher_steps": res.steps,
+            "teacher_seconds": res.seconds}
+    return freeze(teacher), info
 
 
 class AttentionDistillation:
@@ -49,7 +98,11 @@ class AttentionDistillation:
     def __init__(self, student: Classifier, teacher: Classifier, beta, *, p=2.0, function="mean_p",
                  distance="code", sites=None, teacher_sites=None):
         self.sites = list(sites or student.sites)
-        self.teacher_sites = list(teacher_sites or teacher.sites if teacher_sites or teacher.sites else self.sites)
+        if not teacher_sites:
+            # explicit student sites name modules of the teacher too when both share an architecture
+            same_arch = teacher.arch == student.arch
+            teacher_sites = self.sites if (sites and same_arch) or not teacher.sites else teacher.sites
+        self.teacher_sites = list(teacher_sites)
         if len(self.teacher_sites) != len(self.sites):
             raise UserError(f"student has {len(self.sites)} attention sites but the teacher {len(self.teacher_sites)}")
         if len(beta) != len(self.sites):
@@ -110,13 +163,13 @@ class NAD(Defense):
         run_dir = Path(run_dir) if run_dir else None
         info: dict = {"distance": cfg.distance, "beta": list(cfg.beta), "attention": cfg.attention, "p": cfg.p}
         if teacher is None:
-            teacher = model.copy()
-            t_res = Trainer(cfg.train_config(epochs=cfg.teacher_epochs), desc="nad teacher", quiet=quiet).fit(
-                teacher, clean, run_dir=run_dir / "teacher" if run_dir else None, resume=resume)
-            info.update(teacher_epochs=t_res.epochs, teacher_steps=t_res.steps, teacher_seconds=t_res.seconds)
-        teacher.net.eval()
-        for p in teacher.net.parameters():
-            p.requires_grad_(False)
+            teacher, t_info = make_teacher(model, clean, cfg.train_config(epochs=cfg.teacher_epochs), kind=cfg.teacher,
+                                           arch=cfg.teacher_arch, run_dir=run_dir / "teacher" if run_dir else None,
+                                           resume=resume, quiet=quiet, desc="nad teacher")
+            info.update(t_info)
+        else:
+            info.update(teacher="given", teacher_arch=teacher.arch)
+        freeze(teacher)
         student = model.copy()
         objective = AttentionDistillation(student, teacher, cfg.beta, p=cfg.p, function=cfg.attention,
                                           distance=cfg.distance, sites=cfg.sites, teacher_sites=cfg.teacher_sites)
