@@ -25,7 +25,7 @@ def run_cli(capsys, *argv):
      "unknown architecture 'vgg-99'"),
     (["attack", "--dataset", "synthetic", "--attack", "badnets", "--out", "x", "--alpha", "0.3"],
      "attack 'badnets' has no parameter --alpha"),
-    (["purify", "--model", "/no/model", "--method", "nope", "--out", "x"], "unknown defense 'nope'; known: finetune, nad"),
+    (["purify", "--model", "/no/model", "--method", "nope", "--out", "x"], "unknown defense 'nope'; known: argd, finetune, nad, sage"),
     (["purify", "--model", "/no/model", "--method", "nad", "--out", "x", "--clean-fraction", "1.5"], "--clean-fraction must be in (0, 1]"),
     (["purify", "--model", "/no/model", "--method", "nad", "--out", "x"], "does not exist"),
     (["evaluate", "--model", "/no/model"], "does not exist"),

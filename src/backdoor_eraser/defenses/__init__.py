@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 from ..registry import Registry
+from .argd import ARGD, ARGDConfig
 from .base import Defense, OptimConfig, PurifyResult
 from .finetune import Finetune, FinetuneConfig
 from .nad import NAD, NADConfig
+from .sage import SAGE, SAGEConfig
 
 DEFENSES: Registry[Defense] = Registry("defense")
 DEFENSES.register("finetune", FinetuneConfig)(Finetune)
 DEFENSES.register("nad", NADConfig)(NAD)
+DEFENSES.register("argd", ARGDConfig)(ARGD)
+DEFENSES.register("sage", SAGEConfig)(SAGE)
 
 
 def create(name: str, config=None, **params) -> Defense:
@@ -20,4 +24,5 @@ def names() -> list[str]:
     return DEFENSES.names()
 
 
-__all__ = ["DEFENSES", "Defense", "PurifyResult", "create", "names", "Finetune", "NAD", "FinetuneConfig", "NADConfig"]
+__all__ = ["DEFENSES", "Defense", "PurifyResult", "create", "names", "Finetune", "NAD", "FinetuneConfig", "NADConfig",
+           "ARGD", "ARGDConfig", "SAGE", "SAGEConfig"]
