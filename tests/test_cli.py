@@ -20,12 +20,12 @@ def run_cli(capsys, *argv):
 
 @pytest.mark.parametrize("argv, message", [
     (["attack", "--dataset", "cifar10", "--data-dir", "/no/such/dir", "--attack", "badnets", "--out", "x"], "/no/such/dir"),
-    (["attack", "--dataset", "synthetic", "--attack", "nope", "--out", "x"], "unknown attack 'nope'; known: badnets, blend, multi-trigger, patch, refool, sig, trojan, wanet"),
+    (["attack", "--dataset", "synthetic", "--attack", "nope", "--out", "x"], "unknown attack 'nope'; known: badnets, blend, clean-label, input-aware, multi-trigger, patch, refool, sig, trojan, trojannn, wanet"),
     (["attack", "--dataset", "synthetic", "--arch", "vgg-99", "--attack", "badnets", "--out", "x", "--epochs", "0"],
      "unknown architecture 'vgg-99'"),
     (["attack", "--dataset", "synthetic", "--attack", "badnets", "--out", "x", "--alpha", "0.3"],
      "attack 'badnets' has no parameter --alpha"),
-    (["purify", "--model", "/no/model", "--method", "nope", "--out", "x"], "unknown defense 'nope'; known: argd, finetune, nad, sage"),
+    (["purify", "--model", "/no/model", "--method", "nope", "--out", "x"], "unknown defense 'nope'; known: anp, argd, fine-pruning, finetune, mcr, nad, rnp, sage"),
     (["purify", "--model", "/no/model", "--method", "nad", "--out", "x", "--clean-fraction", "1.5"], "--clean-fraction must be in (0, 1]"),
     (["purify", "--model", "/no/model", "--method", "nad", "--out", "x"], "does not exist"),
     (["evaluate", "--model", "/no/model"], "does not exist"),

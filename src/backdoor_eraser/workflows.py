@@ -59,16 +59,25 @@ def run_attack(*, dataset: str, data_dir: str | None, arch: str, attack: str, at
     splits = splits or load_data(dataset, data_dir, data_options)
     atk.fit_trigger(splits.train, seed=seed, device=dev)
     poisoned = atk.poison(splits.train, seed=seed)
-    batch_hook = atk.training_batch_hook(splits.train.num_classes)
-    how = (f"poisons {atk.config.rate:.0%} of every batch on the fly" if batch_hook else
-           f"poisoned {int(poisoned.poison_flag.sum())} of {len(poisoned)} training images")
-    say(f"{atk.name}: {how} (target {atk.config.target}, {atk.config.mode}, {atk.config.label_mode}-label)", quiet)
     model = new_model(arch, splits.train.classes, splits.train.shape, Normalization.parse(normalization), dev, seed)
-    triggered = atk.triggered_test_set(splits.test)
+    batch_hook = atk.training_batch_hook(splits.train.num_classes)
+    objective = atk.training_objective(model, splits.train.num_classes)
+    learned_trigger = bool(atk.training_parameters())
+    if batch_hook:
+        how = f"poisons {atk.config.rate:.0%} of every batch on the fly"
+    elif objective is not None:
+        how = f"learns its trigger with the model and poisons {atk.config.rate:.0%} of every batch"
+    else:
+        how = f"poisoned {int(poisoned.poison_flag.sum())} of {len(poisoned)} training images"
+    say(f"{atk.name}: {how} (target {atk.config.target}, {atk.config.mode}, {atk.config.label_mode}-label)", quiet)
+    # A trigger trained along with the model changes every epoch: rebuild its test set each time.
+    triggered = None if learned_trigger else atk.triggered_test_set(splits.test)
     eval_fn = (lambda m: evaluate(m, splits.test, atk, triggered)) if epoch_eval else None
     res = Trainer(train, desc=f"attack {atk.name}", quiet=quiet).fit(
         model, poisoned, eval_fn=eval_fn, run_dir=out, resume=resume, batch_hook=batch_hook,
-        objective=atk.training_objective(model, splits.train.num_classes), extra_params=atk.training_parameters())
+        objective=objective, extra_params=atk.training_parameters())
+    if triggered is None:
+        triggered = atk.triggered_test_set(splits.test)
     metrics = evaluate(model, splits.test, atk, triggered)
     metrics.update(epochs=res.epochs, steps=res.steps, train_seconds=res.seconds)
     meta = {"kind": "attack", "dataset": dataset_record(dataset, data_dir, data_options), "attack": atk.describe(),

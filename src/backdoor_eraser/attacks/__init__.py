@@ -5,10 +5,13 @@ from ..registry import Registry
 from .badnets import BadNets, BadNetsConfig
 from .base import Attack, PoisonConfig, PoisonedDataset, TriggeredTestSet
 from .blend import Blend, BlendConfig
+from .clean_label import CleanLabel, CleanLabelConfig
+from .input_aware import InputAware, InputAwareConfig
 from .patch import MultiTrigger, MultiTriggerConfig, Patch, PatchConfig
 from .refool import Refool, RefoolConfig
 from .sig import SIG, SIGConfig
 from .trojan import Trojan, TrojanConfig
+from .trojannn import TrojanNN, TrojanNNConfig
 from .wanet import WaNet, WaNetConfig
 
 ATTACKS: Registry[Attack] = Registry("attack")
@@ -20,6 +23,9 @@ ATTACKS.register("wanet", WaNetConfig)(WaNet)
 ATTACKS.register("refool", RefoolConfig)(Refool)
 ATTACKS.register("patch", PatchConfig)(Patch)
 ATTACKS.register("multi-trigger", MultiTriggerConfig)(MultiTrigger)
+ATTACKS.register("clean-label", CleanLabelConfig)(CleanLabel)
+ATTACKS.register("trojannn", TrojanNNConfig)(TrojanNN)
+ATTACKS.register("input-aware", InputAwareConfig)(InputAware)
 
 
 def create(name: str, config=None, **params) -> Attack:
@@ -40,4 +46,5 @@ def from_description(desc: dict, trigger_state: dict | None = None) -> Attack:
 
 
 __all__ = ["ATTACKS", "Attack", "PoisonConfig", "PoisonedDataset", "TriggeredTestSet", "create", "names",
-           "from_description", "BadNets", "Blend", "Trojan", "SIG", "WaNet", "Refool", "Patch", "MultiTrigger"]
+           "from_description", "BadNets", "Blend", "Trojan", "SIG", "WaNet", "Refool", "Patch", "MultiTrigger",
+           "CleanLabel", "TrojanNN", "InputAware"]

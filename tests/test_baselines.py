@@ -1,0 +1,268 @@
+"""Fine-pruning, MCR, ANP, RNP and the BN-mask helpers they share (spec §5.2, §5.3, §5.7, §5.9)."""
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from backdoor_eraser.classifier import Classifier
+from backdoor_eraser.data.dataset import ImageDataset
+from backdoor_eraser.defenses.anp import ANP, ANPConfig
+from backdoor_eraser.defenses.bn_masks import (BNMasks, bn_channel_count, bn_layers, prune_bn_channels,
+                                               threshold_sweep)
+from backdoor_eraser.defenses.fine_pruning import FinePruning, FinePruningConfig
+from backdoor_eraser.defenses.mcr import MCR, BezierCurve, MCRConfig, ibm_lr_factor, recompute_bn_stats
+from backdoor_eraser.defenses.rnp import RNP, RNPConfig
+from backdoor_eraser.metrics import evaluate
+from backdoor_eraser.models import create_model
+
+
+def bn_model(seed=0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    return Classifier(net, "tiny-bn", ["a", "b", "c"], input_shape=(3, 8, 8))
+
+
+def random_data(n=48, size=8):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 3, size, size), generator=g).to(torch.uint8)
+    return ImageDataset(x, torch.arange(n) % 3, ["a", "b", "c"])
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.net.state_dict().items()}
+
+
+def same_state(model, before):
+    return all(torch.equal(v, before[k]) for k, v in model.net.state_dict().items())
+
+
+# --- BN masks ----------------------------------------------------------------------------------------------
+
+def test_wrn16_1_has_464_bn_channels():
+    net = create_model("wrn-16-1")
+    layers = bn_layers(net)
+    assert len(layers) == 13 and layers[0][0] == "block1.layer.0.bn1" and layers[-1][0] == "bn1"
+    assert bn_channel_count(net) == 464
+
+
+def test_bn_masks_scale_gamma_and_noise_without_touching_weights():
+    model = bn_model()
+    net = model.net.eval()
+    for _, bn in bn_layers(net):  # non-trivial β and running stats
+        nn.init.uniform_(bn.bias, -1, 1)
+        bn.running_mean.uniform_(-0.5, 0.5)
+    before = state(model)
+    masks = BNMasks(net, noise=True)
+    with torch.no_grad():
+        for m, d, xi in zip(masks.masks, masks.weight_noise, masks.bias_noise):
+            m.uniform_(0, 1), d.uniform_(-0.4, 0.4), xi.uniform_(-0.4, 0.4)
+    x = torch.rand(4, 3, 8, 8)
+    ref = copy.deepcopy(net)
+    with torch.no_grad():
+        for (_, bn), m in zip(bn_layers(ref), masks.masks):
+            bn.weight.mul_(m)
+    assert torch.allclose(masks(x), ref(x), atol=1e-6)
+    masks.perturbed = True
+    ref = copy.deepcopy(net)
+    with torch.no_grad():
+        for (_, bn), m, d, xi in zip(bn_layers(ref), masks.masks, masks.weight_noise, masks.bias_noise):
+            bn.weight.mul_(m + d)
+            bn.bias.mul_(1 + xi)
+    assert torch.allclose(masks(x), ref(x), atol=1e-6)
+    assert same_state(model, before)
+
+
+def test_prune_bn_channels_zeroes_gamma_only_and_counts_match():
+    net = create_model("wrn-16-1")
+    for _, bn in bn_layers(net):
+        nn.init.uniform_(bn.weight, 0.5, 1.5)
+        nn.init.uniform_(bn.bias, -1, 1)
+    g = torch.Generator().manual_seed(1)
+    masks = {name: torch.rand(bn.num_features, generator=g) for name, bn in bn_layers(net)}
+    expected = sum(int((m <= 0.2).sum()) for m in masks.values())
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert prune_bn_channels(net, masks, 0.2) == expected > 0
+    for name, bn in bn_layers(net):
+        sel = masks[name] <= 0.2
+        assert torch.all(bn.weight[sel] == 0)
+        assert torch.equal(bn.weight[~sel], before[f"{name}.weight"][~sel])
+        assert torch.equal(bn.bias, before[f"{name}.bias"])
+
+    net2 = create_model("wrn-16-1")
+    assert prune_bn_channels(net2, masks, count=50) == 50
+    zeroed = sum(int((bn.weight == 0).sum()) for _, bn in bn_layers(net2))
+    assert zeroed == 50
+    sweep = threshold_sweep(Classifier(net2, "wrn-16-1", list("0123456789")), masks)
+    assert [r["pruned"] for r in sweep] == sorted(r["pruned"] for r in sweep)
+    assert sweep[4] == {"threshold": 0.2, "pruned": expected}
+
+
+# --- ANP and RNP -------------------------------------------------------------------------------------------
+
+def test_anp_masks_stay_in_unit_interval_and_prune_by_threshold_or_fraction():
+    model, data = bn_model(), random_data()
+    before = state(model)
+    anp = ANP(ANPConfig(iterations=15, batch_size=16, lr=5.0))  # a large lr makes the clamp matter
+    masks, history = anp.learn_masks(model, data)
+    flat = torch.cat(list(masks.values()))
+    assert flat.min() >= 0 and flat.max() <= 1 and not torch.all(flat == 1)
+    assert history[-1]["iteration"] == 15
+
+    res = ANP(ANPConfig(iterations=15, batch_size=16, lr=5.0)).purify(model, data, quiet=True)
+    assert res.info["pruned"] == int((flat <= 0.2).sum())  # same seed, same masks
+    gammas = torch.cat([bn.weight.detach() for _, bn in bn_layers(res.model.net)])
+    assert int((gammas == 0).sum()) == res.info["pruned"]
+    res = ANP(ANPConfig(iterations=15, batch_size=16, fraction=0.25)).purify(model, data, quiet=True)
+    assert res.info["pruned"] == 4
+    assert same_state(model, before)
+
+
+def test_rnp_masks_stay_in_unit_interval_and_unlearning_stops_at_the_accuracy_bound():
+    model, data = bn_model(), random_data()
+    before = state(model)
+    rnp = RNP(RNPConfig(unlearn_acc=1.0, recover_epochs=3, batch_size=16, recover_lr=5.0))
+    res = rnp.purify(model, data, quiet=True)
+    assert res.info["unlearn_epochs"] == 1 and res.info["unlearn_stopped_early"]
+    flat = torch.tensor([v for vals in res.info["masks"].values() for v in vals])
+    assert flat.min() >= 0 and flat.max() <= 1 and not torch.all(flat == 1)
+    assert res.info["pruned"] == int((flat <= 0.2).sum())
+    assert same_state(model, before)
+
+    res = RNP(RNPConfig(unlearn_lr=0.0, unlearn_epochs=2, recover_epochs=0, batch_size=16)).purify(
+        model, data, quiet=True)
+    assert res.info["unlearn_epochs"] == 2 and not res.info["unlearn_stopped_early"]
+
+
+# --- Fine-pruning ------------------------------------------------------------------------------------------
+
+def fp_model():
+    """1×1 conv → ReLU → mean → Linear. Channel activations: c0 = 0.3, c1 = 0.1 (constant, unused by the
+    head), c2 = 4·red, c3 = 6·green (class evidence). Red images are class 0, green ones class 1."""
+    conv, head = nn.Conv2d(3, 4, 1), nn.Linear(4, 2)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[2, 0], conv.weight[3, 1] = 4.0, 6.0
+        conv.bias.copy_(torch.tensor([0.3, 0.1, 0.0, 0.0]))
+        head.weight.copy_(torch.tensor([[0.0, 0.0, 1.0, -1.0], [0.0, 0.0, -1.0, 1.0]]))
+        head.bias.copy_(torch.tensor([0.0, 0.5]))  # without channel 2, class 0 becomes class 1
+    net = nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
+    return Classifier(net, "fp-toy", ["red", "green"], input_shape=(3, 4, 4))
+
+
+def fp_data(n=40):
+    labels = torch.arange(n) % 2
+    x = torch.zeros(n, 3, 4, 4, dtype=torch.uint8)
+    x[labels == 0, 0] = 255
+    x[labels == 1, 1] = 255
+    return ImageDataset(x, labels, ["red", "green"])
+
+
+def test_fine_pruning_prunes_lowest_activation_first_and_stops_at_the_bound():
+    model, data = fp_model(), fp_data()
+    before = state(model)
+    res = FinePruning(FinePruningConfig(epochs=0)).purify(model, data, quiet=True)
+    info = res.info
+    assert info["layer"] == "4" and info["on_head_input"]
+    assert [round(a, 4) for a in info["activation"]] == [0.3, 0.1, 2.0, 3.0]
+    assert info["pruned_channels"] == [1, 0]
+    assert [r["val_acc"] for r in info["acc_trace"]] == [1.0, 1.0, 1.0, 0.5]
+    head = res.model.net[4].weight
+    assert torch.all(head[:, [0, 1]] == 0) and torch.equal(head[:, 2:], model.net[4].weight[:, 2:])
+    assert same_state(model, before)
+
+    # a looser bound keeps going, but never prunes the last channel
+    res = FinePruning(FinePruningConfig(epochs=0, max_acc_drop=0.6)).purify(model, data, quiet=True)
+    assert res.info["pruned_channels"] == [1, 0, 2]
+
+    # a named conv layer: the same order, zeroed filters and biases
+    res = FinePruning(FinePruningConfig(epochs=0, layer="0")).purify(model, data, quiet=True)
+    conv = res.model.net[0]
+    assert res.info["pruned_channels"] == [1, 0]
+    assert torch.all(conv.weight[[0, 1]] == 0) and torch.all(conv.bias[[0, 1]] == 0) and conv.bias[2:].eq(0).all()
+
+
+def test_fine_pruning_keeps_pruned_weights_at_zero_while_fine_tuning():
+    model, data = fp_model(), fp_data()
+    res = FinePruning(FinePruningConfig(epochs=2, batch_size=8, augment="none")).purify(model, data, quiet=True)
+    head = res.model.net[4].weight
+    assert torch.all(head[:, [0, 1]] == 0)
+    assert not torch.equal(head[:, 2:], model.net[4].weight[:, 2:])
+    assert res.info["steps"] == 10
+
+
+# --- MCR ---------------------------------------------------------------------------------------------------
+
+def test_bezier_curve_hits_both_endpoints_exactly_and_the_midpoint_formula():
+    a, b = bn_model(0).net, bn_model(1).net
+    curve = BezierCurve(a, b)
+    with torch.no_grad():
+        for th in curve.theta:
+            th.normal_()  # a bend far from the midpoint: t = 0 and 1 must still ignore it
+    p0, p1, mid = curve.point(0.0), curve.point(1.0), curve.point(0.5)
+    for (name, w0), (_, w1), th in zip(a.named_parameters(), b.named_parameters(), curve.theta):
+        assert torch.equal(p0[name], w0) and torch.equal(p1[name], w1)
+        assert torch.allclose(mid[name], 0.25 * w0 + 0.5 * th + 0.25 * w1, atol=1e-6)
+    assert all(p.requires_grad for p in curve.point(0.3).values())
+
+
+def test_bn_recompute_gives_the_clean_data_statistics():
+    torch.manual_seed(0)
+    model = Classifier(create_model("wrn-16-1"), "wrn-16-1", list("0123456789"))
+    data = random_data(n=50, size=32)
+    captured = []
+    first = bn_layers(model.net)[0][1]
+    handle = first.register_forward_hook(lambda m, i, o: captured.append(i[0].detach()))
+    model.net.eval()
+    with torch.no_grad():
+        model(data.images)
+    handle.remove()
+    expected = captured[0].mean(dim=(0, 2, 3))
+    assert not torch.allclose(first.running_mean, expected, atol=1e-3)
+    recompute_bn_stats(model, data, batch_size=16)  # batches 16, 16, 16, 2: the short one counts less
+    assert torch.allclose(first.running_mean, expected, atol=1e-5)
+    assert first.momentum == 0.1 and not model.net.training
+
+
+def test_ibm_schedule():
+    assert [ibm_lr_factor(e, 100) for e in (0, 50)] == [1.0, 1.0]
+    assert ibm_lr_factor(70, 100) == pytest.approx(0.505)
+    assert ibm_lr_factor(90, 100) == pytest.approx(0.01) and ibm_lr_factor(99, 100) == 0.01
+
+
+# --- Each defense lowers the ASR of the synthetic BadNets model (reduced budgets) ------------------------------
+
+def purify_and_report(defense, fx, name):
+    before = state(fx.model)
+    res = defense.purify(fx.model, fx.clean, quiet=True)
+    assert same_state(fx.model, before)
+    json.dumps(res.info)  # run folders store it as JSON
+    after = evaluate(res.model, fx.splits.test, fx.attack, fx.triggered)
+    print(f"\n{name}: ACC {fx.metrics['acc']:.3f} → {after['acc']:.3f}, "
+          f"ASR {fx.metrics['asr']:.3f} → {after['asr']:.3f}")
+    assert after["asr"] < fx.metrics["asr"]
+    return res, after
+
+
+def test_fine_pruning_lowers_asr(synthetic_backdoor):
+    res, _ = purify_and_report(FinePruning(FinePruningConfig(epochs=2)), synthetic_backdoor, "fine-pruning")
+    assert 0 < res.info["pruned"] < 64
+
+
+def test_mcr_lowers_asr(synthetic_backdoor):
+    res, _ = purify_and_report(MCR(MCRConfig(epochs=2, curve_epochs=4)), synthetic_backdoor, "mcr")
+    assert res.info["t"] == 0.3 and len(res.history) == 4
+
+
+def test_anp_lowers_asr(synthetic_backdoor):
+    res, _ = purify_and_report(ANP(ANPConfig(iterations=100, batch_size=32)), synthetic_backdoor, "anp")
+    assert res.info["pruned"] > 0
+
+
+def test_rnp_lowers_asr(synthetic_backdoor):
+    cfg = RNPConfig(batch_size=64, unlearn_lr=0.003, recover_epochs=8)
+    res, _ = purify_and_report(RNP(cfg), synthetic_backdoor, "rnp")
+    assert res.info["unlearn_acc"] <= 0.2 and res.info["pruned"] > 0
