@@ -25,8 +25,7 @@ class Registry(Generic[T]):
             key = name.lower()
             if key in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
-            doc = help or (factory.__doc__ or "").strip().splitlines()[0:1]
-            self._entries[key] = (factory, config, doc if isinstance(doc, str) else (doc[0] if doc else ""))
+            self._entries[key] = (factory, config, help or first_sentence(factory.__doc__))
             return factory
 
         return deco
@@ -71,6 +70,17 @@ class Registry(Generic[T]):
         elif kwargs:
             config = dataclasses.replace(config, **kwargs)
         return factory(config)
+
+
+def first_sentence(doc: str | None) -> str:
+    """The docstring's first sentence (its first paragraph up to the first full stop)."""
+    para = " ".join((doc or "").strip().split("\n\n")[0].split())
+    start = 0
+    while (end := para.find(". ", start)) >= 0:
+        if not para[:end + 1].endswith(("e.g.", "i.e.", "et al.", "cf.")):
+            return para[:end + 1]
+        start = end + 2
+    return para
 
 
 def config_fields(cfg_cls: type) -> list[tuple[str, Any, Any]]:
