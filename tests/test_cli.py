@@ -71,3 +71,26 @@ def test_show_trigger_writes_png(capsys, tmp_path):
                                 "--count", "3", "--out", str(out))
     assert code == 0, err
     assert out.read_bytes()[:4] == b"\x89PNG" and str(out) in stdout
+
+
+def test_epoch_budget_mapping():
+    from backdoor_eraser.defenses import epoch_budget_params
+    assert epoch_budget_params("nad", 3, 500) == {"epochs": 3, "teacher_epochs": 3}
+    assert epoch_budget_params("mcr", 2, 500) == {"epochs": 2, "curve_epochs": 2}
+    assert epoch_budget_params("anp", 3, 500) == {"iterations": 12}  # ceil(3·500 / 128)
+    with pytest.raises(UserError, match="≥ 1"):
+        epoch_budget_params("nad", 0, 500)
+
+
+def test_purify_with_epoch_budget_records_epochs_and_steps(synthetic_backdoor, tmp_path, capsys):
+    out = tmp_path / "ft"
+    code, stdout, err = run_cli(capsys, "purify", "--model", str(synthetic_backdoor.run_dir), "--method", "finetune",
+                                "--clean-count", "100", "--epochs-budget", "2", "--out", str(out), "--device", "cpu",
+                                "--quiet", "--no-epoch-eval")
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["steps"] == 4  # 100 images, batch 64 → 2 steps per epoch
+    assert metrics["wall_seconds"] > 0 and "before" in metrics
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["epochs_budget"] == 2 and meta["defense"]["config"]["epochs"] == 2
+    assert "after:" in stdout

@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", help="YAML file of defense parameters (flags override it)")
     p.add_argument("--clean-fraction", type=float, help="share of the training set the defender holds (default 0.05)")
     p.add_argument("--clean-count", type=int, help="number of clean images instead of a fraction")
+    p.add_argument("--epochs-budget", type=int, help="give every training stage of the defense this many epochs "
+                   "(for equal-budget comparisons; explicit epoch flags win)")
     p.add_argument("--attack", help="attack to measure ASR with (default: the one recorded with the model)")
     p.add_argument("--target", type=int, help="attack target class (with --attack)")
     p.add_argument("--out", required=True)
@@ -200,7 +202,7 @@ def _run(args, rest) -> int:
             clean_fraction=args.clean_fraction, clean_count=args.clean_count, seed=args.seed, dataset=args.dataset,
             data_dir=args.data_dir, arch=args.arch, normalization=args.normalization, num_classes=args.num_classes,
             unsafe_load=args.unsafe_load, attack=args.attack, attack_params=attack_params, device=args.device,
-            resume=args.resume, quiet=args.quiet, epoch_eval=not args.no_epoch_eval)
+            resume=args.resume, quiet=args.quiet, epoch_eval=not args.no_epoch_eval, epochs_budget=args.epochs_budget)
         print("before: ", end="")
         _print_metrics(metrics["before"])
         print("after:  ", end="")

@@ -120,10 +120,14 @@ def run_purify(*, model: str | Path, method: str, out: str | Path, defense_param
                dataset: str | None = None, data_dir: str | None = None, arch: str | None = None,
                normalization: str | None = None, num_classes: int | None = None, unsafe_load: bool = False,
                attack: str | None = None, attack_params: dict | None = None, device="auto", resume: bool = False,
-               quiet: bool = False, splits: DataSplits | None = None, epoch_eval: bool = True) -> dict:
-    """Erase a backdoor with ``method`` on a seeded clean subset of the training data; writes a run folder."""
+               quiet: bool = False, splits: DataSplits | None = None, epoch_eval: bool = True,
+               epochs_budget: int | None = None) -> dict:
+    """Erase a backdoor with ``method`` on a seeded clean subset of the training data; writes a run folder.
+
+    ``epochs_budget`` gives every training stage of the defense that many epochs (explicit
+    ``defense_params`` still win)."""
     dev = resolve_device(device)
-    defense = defenses.create(method, **(defense_params or {}))
+    defenses.DEFENSES.config_class(method)  # fail fast on an unknown name
     src, meta = load_model(model, arch=arch, normalization=normalization, num_classes=num_classes,
                            unsafe_load=unsafe_load, device=dev)
     splits, data_rec = data_for(meta, dataset, data_dir, splits)
@@ -131,6 +135,10 @@ def run_purify(*, model: str | Path, method: str, out: str | Path, defense_param
         clean_fraction = 0.05
     idx = select_clean_subset(splits.train.labels, fraction=clean_fraction, count=clean_count, seed=seed,
                               num_classes=splits.train.num_classes)
+    params = dict(defense_params or {})
+    if epochs_budget is not None:
+        params = {**defenses.epoch_budget_params(method, epochs_budget, len(idx), params.get("batch_size")), **params}
+    defense = defenses.create(method, **params)
     clean = splits.train.subset(idx, name=f"{splits.train.name}-clean")
     src_dir = Path(model) if Path(model).is_dir() else None
     atk = attack_for(meta, src_dir, attack, attack_params)
@@ -149,6 +157,7 @@ def run_purify(*, model: str | Path, method: str, out: str | Path, defense_param
               "attack_run": str(src_dir.resolve()) if src_dir and meta.get("kind") == "attack"
               else meta.get("source", {}).get("attack_run"), "dataset": data_rec}
     run_meta = {"kind": "defense", "defense": defense.describe(), "defense_info": result.info, "seed": seed,
+                "epochs_budget": epochs_budget,
                 "dataset": data_rec, "attack": source["attack"], "source": source,
                 "clean_subset": {"fraction": clean_fraction, "count": len(idx), "seed": seed, "indices": idx.tolist()}}
     save_run(out, result.model, run_meta, metrics=metrics, history=result.history,

@@ -35,3 +35,27 @@ def names() -> list[str]:
 __all__ = ["DEFENSES", "Defense", "PurifyResult", "create", "names", "Finetune", "NAD", "FinetuneConfig", "NADConfig",
            "ARGD", "ARGDConfig", "SAGE", "SAGEConfig",
            "FinePruning", "FinePruningConfig", "MCR", "MCRConfig", "ANP", "ANPConfig", "RNP", "RNPConfig"]
+
+
+# Config fields that count training epochs, per defense: an epoch budget sets each of them, so every
+# stage (NAD's teacher and student, MCR's endpoint and curve, …) gets the same number of passes over
+# the clean data, as in SAGE's equal-budget comparison (spec §5.6).
+_EPOCH_FIELDS = {"finetune": ("epochs",), "nad": ("epochs", "teacher_epochs"), "argd": ("epochs", "teacher_epochs"),
+                 "sage": ("epochs",), "fine-pruning": ("epochs",), "mcr": ("epochs", "curve_epochs"),
+                 "rnp": ("unlearn_epochs", "recover_epochs")}
+
+
+def epoch_budget_params(name: str, budget: int, clean_size: int, batch_size: int | None = None) -> dict:
+    """Parameters that give defense ``name`` ``budget`` epochs per training stage on ``clean_size`` images
+    (ANP counts mask iterations: budget × clean_size / batch size)."""
+    from ..errors import UserError
+
+    if budget < 1:
+        raise UserError(f"--epochs-budget must be ≥ 1, got {budget}")
+    key = name.lower()
+    if key == "anp":
+        bs = batch_size or DEFENSES.make_config("anp").batch_size
+        return {"iterations": max(1, -(-budget * clean_size // bs))}
+    if key not in _EPOCH_FIELDS:
+        raise UserError(f"defense {name!r} has no epoch budget mapping; set its epochs directly")
+    return {f: budget for f in _EPOCH_FIELDS[key]}
