@@ -25,7 +25,7 @@ def run_cli(capsys, *argv):
      "unknown architecture 'vgg-99'"),
     (["attack", "--dataset", "synthetic", "--attack", "badnets", "--out", "x", "--alpha", "0.3"],
      "attack 'badnets' has no parameter --alpha"),
-    (["purify", "--model", "/no/model", "--method", "nope", "--out", "x"], "unknown defense 'nope'; known: anp, argd, fine-pruning, finetune, mcr, nad, rnp, sage"),
+    (["purify", "--model", "/no/model", "--method", "nope", "--out", "x"], "unknown defense 'nope'; known: abl, anp, argd, fine-pruning, finetune, mcr, nad, rnp, sage"),
     (["purify", "--model", "/no/model", "--method", "nad", "--out", "x", "--clean-fraction", "1.5"], "--clean-fraction must be in (0, 1]"),
     (["purify", "--model", "/no/model", "--method", "nad", "--out", "x"], "does not exist"),
     (["evaluate", "--model", "/no/model"], "does not exist"),
@@ -94,3 +94,34 @@ def test_purify_with_epoch_budget_records_epochs_and_steps(synthetic_backdoor, t
     meta = json.loads((out / "meta.json").read_text())
     assert meta["epochs_budget"] == 2 and meta["defense"]["config"]["epochs"] == 2
     assert "after:" in stdout
+
+
+def test_abl_through_purify_rebuilds_the_poisoned_set(synthetic_backdoor, tmp_path, capsys):
+    out = tmp_path / "abl"
+    code, stdout, err = run_cli(capsys, "purify", "--model", str(synthetic_backdoor.run_dir), "--method", "abl",
+                                "--isolation-epochs", "1", "--finetune-epochs", "0", "--unlearning-epochs", "1",
+                                "--out", str(out), "--device", "cpu", "--quiet", "--no-epoch-eval")
+    assert code == 0, err
+    meta = json.loads((out / "meta.json").read_text())
+    info = meta["defense_info"]
+    assert meta["clean_subset"] is None
+    assert info["isolated_count"] == 50  # 1 % of 5,000
+    assert len(info["isolated_indices"]) == 50
+
+
+def test_abl_refuses_a_model_without_attack_run(tmp_path, capsys):
+    m = new_model("wrn-16-1", [str(i) for i in range(10)], (3, 32, 32), Normalization(), seed=0)
+    save_run(tmp_path / "plain", m, {"kind": "import", "dataset": {"name": "synthetic", "data_dir": None}})
+    code, _, err = run_cli(capsys, "purify", "--model", str(tmp_path / "plain"), "--method", "abl",
+                           "--out", str(tmp_path / "o"), "--device", "cpu", "--quiet")
+    assert code == 2 and "poisoned training set" in err
+
+
+def test_detect_writes_report(synthetic_backdoor, tmp_path, capsys):
+    out = tmp_path / "nc"
+    code, stdout, err = run_cli(capsys, "detect", "--model", str(synthetic_backdoor.run_dir), "--clean-count", "100",
+                                "--epochs", "2", "--out", str(out), "--device", "cpu", "--quiet")
+    assert code == 0, err
+    report = json.loads((out / "detect.json").read_text())
+    assert len(report["l1_norms"]) == 10 and "flagged" in report and report["clean_subset"]["count"] == 100
+    assert (out / "masks.png").read_bytes()[:4] == b"\x89PNG" and "anomaly index" in stdout

@@ -117,8 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG path")
     _add_common(p)
 
+    p = sub.add_parser("detect", help="check a model for a backdoor with Neural Cleanse; extra --name value "
+                       "flags set detector parameters")
+    _add_model_source(p)
+    p.add_argument("--detector", default="neural-cleanse")
+    p.add_argument("--params", help="YAML file of detector parameters (flags override it)")
+    p.add_argument("--clean-fraction", type=float, help="share of the training set used (default 0.05)")
+    p.add_argument("--clean-count", type=int)
+    p.add_argument("--out", required=True, help="folder for detect.json and masks.png")
+    _add_common(p)
+
     sub.add_parser("attacks", help="list attacks and their parameters")
-    sub.add_parser("defenses", help="list defenses and their parameters")
+    sub.add_parser("defenses", help="list defenses and detectors and their parameters")
     return ap
 
 
@@ -172,6 +182,8 @@ def _run(args, rest) -> int:
         return 0
     if cmd == "defenses":
         print(_listing(defenses.DEFENSES))
+        print("\ndetectors (backdoor-eraser detect):")
+        print(_listing(defenses.DETECTORS))
         return 0
     if cmd == "demo":
         workflows.run_demo(args.out, device=args.device, seed=args.seed, quiet=args.quiet)
@@ -215,6 +227,18 @@ def _run(args, rest) -> int:
                                           data_dir=args.data_dir, out=args.out, count=args.count,
                                           amplify=args.amplify, seed=args.seed)
         print(f"wrote {path}")
+        return 0
+    if cmd == "detect":
+        from .defenses import DETECTORS
+        params = _params(DETECTORS, args.detector, args.params, rest)
+        res = workflows.run_detect(
+            model=args.model, out=args.out, detector=args.detector, params=params,
+            clean_fraction=args.clean_fraction, clean_count=args.clean_count, seed=args.seed, dataset=args.dataset,
+            data_dir=args.data_dir, arch=args.arch, normalization=args.normalization, num_classes=args.num_classes,
+            unsafe_load=args.unsafe_load, device=args.device, quiet=args.quiet)
+        flagged = res.get("flagged") or []
+        print(f"anomaly index {res.get('mad_index', float('nan')):.2f}; flagged classes: "
+              f"{', '.join(map(str, flagged)) if flagged else 'none'}  ({args.out}/detect.json)")
         return 0
     if cmd == "evaluate":
         params = _params(attacks.ATTACKS, args.attack, None, rest)

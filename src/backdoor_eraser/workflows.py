@@ -133,18 +133,29 @@ def run_purify(*, model: str | Path, method: str, out: str | Path, defense_param
     splits, data_rec = data_for(meta, dataset, data_dir, splits)
     if clean_fraction is None and clean_count is None:
         clean_fraction = 0.05
-    idx = select_clean_subset(splits.train.labels, fraction=clean_fraction, count=clean_count, seed=seed,
-                              num_classes=splits.train.num_classes)
     params = dict(defense_params or {})
-    if epochs_budget is not None:
-        params = {**defenses.epoch_budget_params(method, epochs_budget, len(idx), params.get("batch_size")), **params}
-    defense = defenses.create(method, **params)
-    clean = splits.train.subset(idx, name=f"{splits.train.name}-clean")
+    needs_poisoned = getattr(defenses.DEFENSES.get(method), "needs_poisoned_training_set", False)
     src_dir = Path(model) if Path(model).is_dir() else None
     atk = attack_for(meta, src_dir, attack, attack_params)
+    if needs_poisoned:
+        # Training-time defenses (ABL) see the attacker's poisoned training set, rebuilt from the attack run.
+        data = poisoned_set_for(meta, atk, splits)
+        idx = torch.zeros(0, dtype=torch.int64)
+    else:
+        idx = select_clean_subset(splits.train.labels, fraction=clean_fraction, count=clean_count, seed=seed,
+                                  num_classes=splits.train.num_classes)
+        data = splits.train.subset(idx, name=f"{splits.train.name}-clean")
+    if epochs_budget is not None:
+        params = {**defenses.epoch_budget_params(method, epochs_budget, len(data), params.get("batch_size")), **params}
+    defense = defenses.create(method, **params)
+    clean = data
     triggered = atk.triggered_test_set(splits.test) if atk else None
-    say(f"{defense.name}: {len(clean)} clean images ({len(clean) / len(splits.train):.1%} of the training set, "
-        f"seed {seed})", quiet)
+    if needs_poisoned:
+        say(f"{defense.name}: trains on the poisoned training set ({int(data.poison_flag.sum())} of {len(data)} "
+            "poisoned); the given model only fixes the architecture", quiet)
+    else:
+        say(f"{defense.name}: {len(clean)} clean images ({len(clean) / len(splits.train):.1%} of the training set, "
+            f"seed {seed})", quiet)
     before = evaluate(src, splits.test, atk, triggered)
     eval_fn = (lambda m: evaluate(m, splits.test, atk, triggered)) if epoch_eval else None
     t0 = time.perf_counter()
@@ -159,12 +170,59 @@ def run_purify(*, model: str | Path, method: str, out: str | Path, defense_param
     run_meta = {"kind": "defense", "defense": defense.describe(), "defense_info": result.info, "seed": seed,
                 "epochs_budget": epochs_budget,
                 "dataset": data_rec, "attack": source["attack"], "source": source,
-                "clean_subset": {"fraction": clean_fraction, "count": len(idx), "seed": seed, "indices": idx.tolist()}}
+                "clean_subset": None if needs_poisoned else
+                {"fraction": clean_fraction, "count": len(idx), "seed": seed, "indices": idx.tolist()}}
     save_run(out, result.model, run_meta, metrics=metrics, history=result.history,
              trigger_state=atk.trigger_state() if atk else None)
     for name, art in result.artifacts.items():
         save_run(Path(out) / name, art, {"kind": f"{defense.name}-{name}", "dataset": data_rec, "seed": seed})
     return metrics
+
+
+def poisoned_set_for(meta: dict, atk, splits: DataSplits):
+    """The attack run's poisoned training set, rebuilt from its attack, trigger state and seed and checked
+    against the poisoned indices it recorded."""
+    if meta.get("kind") != "attack" or atk is None:
+        raise UserError("this defense trains on the poisoned training set: give --model an attack run folder "
+                        "(from `backdoor-eraser attack`), whose attack and seed rebuild that set")
+    if atk.training_batch_hook(splits.train.num_classes) is not None or atk.training_parameters():
+        raise UserError(f"attack {atk.name!r} poisons batches on the fly, so there is no fixed poisoned "
+                        "training set for this defense to work on")
+    poisoned = atk.poison(splits.train, seed=meta.get("seed", 0))
+    recorded = meta.get("poison_indices")
+    if recorded is not None and poisoned.poison_indices.tolist() != list(recorded):
+        raise UserError("the rebuilt poisoned set does not match the indices recorded in the attack run")
+    return poisoned
+
+
+def run_detect(*, model: str | Path, out: str | Path, detector: str = "neural-cleanse", params: dict | None = None,
+               clean_fraction: float | None = None, clean_count: int | None = None, seed: int = 0,
+               dataset: str | None = None, data_dir: str | None = None, arch: str | None = None,
+               normalization: str | None = None, num_classes: int | None = None, unsafe_load: bool = False,
+               device="auto", quiet: bool = False, splits: DataSplits | None = None) -> dict:
+    """Run a backdoor detector (Neural Cleanse) on a model with a seeded clean subset; writes
+    ``detect.json`` and a PNG of the reverse-engineered masks into ``out``."""
+    from .defenses import DETECTORS, save_masks_png
+
+    dev = resolve_device(device)
+    det = DETECTORS.create(detector, **(params or {}))
+    clf, meta = load_model(model, arch=arch, normalization=normalization, num_classes=num_classes,
+                           unsafe_load=unsafe_load, device=dev)
+    splits, data_rec = data_for(meta, dataset, data_dir, splits)
+    if clean_fraction is None and clean_count is None:
+        clean_fraction = 0.05
+    idx = select_clean_subset(splits.train.labels, fraction=clean_fraction, count=clean_count, seed=seed,
+                              num_classes=splits.train.num_classes)
+    t0 = time.perf_counter()
+    report = det.detect(clf, splits.train.subset(idx), device=dev, quiet=quiet)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"detector": detector, "config": config_to_dict(det.config), "model": str(Path(model).resolve()),
+              "clean_subset": {"fraction": clean_fraction, "count": len(idx), "seed": seed},
+              "seconds": time.perf_counter() - t0, **report.to_dict()}
+    write_json(out / "detect.json", result)
+    save_masks_png(report, out / "masks.png")
+    return result
 
 
 def run_evaluate(*, model: str | Path, attack: str | None = None, attack_params: dict | None = None,

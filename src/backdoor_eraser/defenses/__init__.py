@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from ..registry import Registry
+from .abl import ABL, ABLConfig
 from .anp import ANP, ANPConfig
 from .argd import ARGD, ARGDConfig
 from .base import Defense, OptimConfig, PurifyResult
 from .fine_pruning import FinePruning, FinePruningConfig
 from .finetune import Finetune, FinetuneConfig
 from .mcr import MCR, MCRConfig
+from .neural_cleanse import NCConfig, NCReport, NeuralCleanse, save_masks_png
 from .nad import NAD, NADConfig
 from .rnp import RNP, RNPConfig
 from .sage import SAGE, SAGEConfig
@@ -21,6 +23,11 @@ DEFENSES.register("fine-pruning", FinePruningConfig)(FinePruning)
 DEFENSES.register("mcr", MCRConfig)(MCR)
 DEFENSES.register("anp", ANPConfig)(ANP)
 DEFENSES.register("rnp", RNPConfig)(RNP)
+DEFENSES.register("abl", ABLConfig)(ABL)
+
+# Detectors say whether a model is backdoored (and which class); they do not change it.
+DETECTORS: Registry = Registry("detector")
+DETECTORS.register("neural-cleanse", NCConfig)(NeuralCleanse)
 
 
 def create(name: str, config=None, **params) -> Defense:
@@ -34,7 +41,8 @@ def names() -> list[str]:
 
 __all__ = ["DEFENSES", "Defense", "PurifyResult", "create", "names", "Finetune", "NAD", "FinetuneConfig", "NADConfig",
            "ARGD", "ARGDConfig", "SAGE", "SAGEConfig",
-           "FinePruning", "FinePruningConfig", "MCR", "MCRConfig", "ANP", "ANPConfig", "RNP", "RNPConfig"]
+           "FinePruning", "FinePruningConfig", "MCR", "MCRConfig", "ANP", "ANPConfig", "RNP", "RNPConfig",
+           "ABL", "ABLConfig", "DETECTORS", "NeuralCleanse", "NCConfig", "NCReport", "save_masks_png"]
 
 
 # Config fields that count training epochs, per defense: an epoch budget sets each of them, so every
