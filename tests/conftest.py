@@ -1,6 +1,6 @@
-"""Shared fixtures. ``synthetic_backdoor`` trains the demo's BadNets WRN-16-1 on the synthetic data once
-per test session (about a minute on 2 cores). Set BACKDOOR_ERASER_TEST_RUNS=/some/dir to keep that run
-between sessions while developing (it is rebuilt when missing)."""
+"""Shared fixtures. ``demo_run`` runs ``backdoor-eraser demo`` once per test session (about two minutes on
+2 cores); ``synthetic_backdoor`` is its backdoored BadNets WRN-16-1. Set BACKDOOR_ERASER_TEST_RUNS=/some/dir
+to keep these runs between sessions while developing (they are rebuilt when missing)."""
 from __future__ import annotations
 
 import os
@@ -25,20 +25,31 @@ class SyntheticBackdoor:
     metrics: dict              # metrics of the backdoored model
 
 
+def _kept_runs() -> Path | None:
+    keep = os.environ.get("BACKDOOR_ERASER_TEST_RUNS")
+    return Path(keep) if keep else None
+
+
 @pytest.fixture(scope="session")
-def synthetic_backdoor(tmp_path_factory) -> SyntheticBackdoor:
+def demo_run(tmp_path_factory) -> Path:
+    """The folder written by ``backdoor-eraser demo``: backdoored/, finetune/, nad/, attention.png, summary.json."""
+    from backdoor_eraser.cli import main
+
+    out = (_kept_runs() or tmp_path_factory.mktemp("runs")) / "demo"
+    if not (out / "summary.json").exists():
+        assert main(["demo", "--out", str(out), "--device", "cpu", "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_backdoor(demo_run) -> SyntheticBackdoor:
     from backdoor_eraser import workflows
     from backdoor_eraser.data.subset import clean_subset
     from backdoor_eraser.metrics import evaluate
     from backdoor_eraser.runs import load_model, read_meta
 
-    keep = os.environ.get("BACKDOOR_ERASER_TEST_RUNS")
-    run_dir = Path(keep) / "synthetic-badnets" if keep else tmp_path_factory.mktemp("runs") / "synthetic-badnets"
+    run_dir = demo_run / "backdoored"
     splits = workflows.load_data("synthetic", None, {})
-    if not (run_dir / "model.safetensors").exists():
-        workflows.run_attack(dataset="synthetic", data_dir=None, arch="wrn-16-1", attack="badnets",
-                             train=workflows.DEMO_ATTACK_TRAIN, out=run_dir, seed=0, device="cpu", quiet=True,
-                             splits=splits, epoch_eval=False)
     model, meta = load_model(run_dir)
     attack = workflows.attack_for(read_meta(run_dir), run_dir, None, None)
     triggered = attack.triggered_test_set(splits.test)

@@ -12,10 +12,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--out", str(out), "--device", "cpu", "--quiet"]) == 0
-    return out
+def demo_dir(demo_run):
+    return demo_run
 
 
 def test_backdoor_is_planted_and_nad_erases_it(demo_dir):
