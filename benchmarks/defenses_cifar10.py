@@ -1,0 +1,106 @@
+"""Defenses benchmark: every defense on one backdoored CIFAR-10 WRN-16-1 with the same seeded 5 % clean subset.
+
+Runs the real CLI per defense (each step resumable; finished ones are skipped), then writes
+benchmarks/results/defenses_cifar10_<attack>.{md,json} and an attention-map figure (rows: backdoored,
+fine-tuned, NAD, ARGD, SAGE; columns: the three residual groups; one triggered test image).
+
+    python benchmarks/defenses_cifar10.py --data-dir benchmarks/work/cifar10_jpeg \
+        --attack-run benchmarks/work/core/badnets --name badnets
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+# Per-defense overrides of the paper defaults, only where a CPU budget forces them (stated in the results).
+BUDGET_OVERRIDES = {
+    "sage": ["--epochs", "20"],          # spec §5.6: 100 (or 50) epochs
+    "mcr": ["--curve-epochs", "20"],     # spec §5.3: IBM's 100 curve epochs
+}
+ORDER = ["finetune", "nad", "argd", "sage", "fine-pruning", "mcr", "anp", "rnp"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--attack-run", required=True)
+    ap.add_argument("--name", required=True, help="label for the result files, e.g. badnets")
+    ap.add_argument("--work", default=None, help="folder for the defense runs (default: next to the attack run)")
+    ap.add_argument("--methods", default=",".join(ORDER))
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    attack_run = Path(a.attack_run)
+    work = Path(a.work) if a.work else attack_run.parent
+    log = work / f"defenses-{a.name}.log"
+    exe = [sys.executable, "-m", "backdoor_eraser.cli"]
+    wall = {}
+    for method in a.methods.split(","):
+        out = work / f"{attack_run.name}-{method}"
+        if (out / "metrics.json").exists():
+            print(f"{method}: done already ({out})", flush=True)
+            continue
+        cmd = exe + ["purify", "--model", str(attack_run), "--method", method, "--clean-fraction", "0.05",
+                     "--seed", str(a.seed), "--data-dir", a.data_dir, "--out", str(out), "--resume",
+                     "--no-epoch-eval"] + BUDGET_OVERRIDES.get(method, [])
+        print("$", shlex.join(cmd), flush=True)
+        t0 = time.perf_counter()
+        with open(log, "a") as fh:
+            rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
+        if rc:
+            print(f"{method} failed ({rc}); see {log}", flush=True)
+            continue
+        wall[method] = time.perf_counter() - t0
+
+    rows, info = {}, {}
+    for method in ORDER:
+        out = work / f"{attack_run.name}-{method}"
+        if not (out / "metrics.json").exists():
+            continue
+        m = json.loads((out / "metrics.json").read_text())
+        rows.setdefault("backdoored", m["before"])
+        rows[method] = m
+        meta = json.loads((out / "meta.json").read_text())
+        info[method] = {"epochs": m.get("total_epochs", m.get("epochs")), "steps": m.get("total_steps", m.get("steps")),
+                        "wall_seconds": m.get("wall_seconds"), "overrides": BUDGET_OVERRIDES.get(method, []),
+                        "config": meta["defense"]["config"]}
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from backdoor_eraser.runs import load_model, read_meta
+    from backdoor_eraser.viz import attention_figure
+    from backdoor_eraser.workflows import attack_for, load_data
+
+    figure_rows = {"backdoored": attack_run}
+    figure_rows.update({label: work / f"{attack_run.name}-{m}" for label, m in
+                        (("fine-tuned", "finetune"), ("NAD", "nad"), ("ARGD", "argd"), ("SAGE", "sage"))})
+    figure_rows = {k: v for k, v in figure_rows.items() if (v / "model.safetensors").exists()}
+    splits = load_data("cifar10", a.data_dir)
+    atk = attack_for(read_meta(attack_run), attack_run, None, None)
+    trig = atk.triggered_test_set(splits.test)
+    attention_figure({k: load_model(v)[0] for k, v in figure_rows.items()}, trig.images[0],
+                     RESULTS / f"defenses_cifar10_{a.name}_attention.png",
+                     title=f"CIFAR-10 {a.name}: attention of a triggered test image")
+
+    record = {"attack_run": str(attack_run), "clean_fraction": 0.05, "seed": a.seed, "metrics": rows, "runs": info}
+    (RESULTS / f"defenses_cifar10_{a.name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    lines = ["| model | ACC (10k) | ACC (non-target) | ASR | RA | epochs | optimizer steps | wall time |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, m in rows.items():
+        i = info.get(name, {})
+        wt = i.get("wall_seconds")
+        lines.append(f"| {name} | {100 * m['acc']:.2f} | {100 * m.get('acc_nontarget', float('nan')):.2f} | "
+                     f"{100 * m['asr']:.2f} | {100 * m['ra']:.2f} | {i.get('epochs', '')} | {i.get('steps', '')} | "
+                     f"{f'{wt:.0f} s' if wt else ''} |")
+    (RESULTS / f"defenses_cifar10_{a.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
