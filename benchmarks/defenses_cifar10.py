@@ -98,7 +98,33 @@ def main():
         lines.append(f"| {name} | {100 * m['acc']:.2f} | {100 * m.get('acc_nontarget', float('nan')):.2f} | "
                      f"{100 * m['asr']:.2f} | {100 * m['ra']:.2f} | {i.get('epochs', '')} | {i.get('steps', '')} | "
                      f"{f'{wt:.0f} s' if wt else ''} |")
-    (RESULTS / f"defenses_cifar10_{a.name}.md").write_text("\n".join(lines) + "\n")
+    text = [
+        f"# Defenses benchmark: CIFAR-10, WRN-16-1, {a.name}",
+        "",
+        f"Backdoored model: `{attack_run}` (see core_cifar10.md for its training). Every defense gets the same "
+        f"seeded stratified 5 % clean subset (2,500 training images, seed {a.seed}) and its paper defaults "
+        "(spec §5), except these CPU-budget cuts: " +
+        "; ".join(f"{k} {' '.join(v)}" for k, v in BUDGET_OVERRIDES.items()) +
+        ". Metrics in %; ASR and RA on the 9,000 triggered non-target test images. `epochs` counts every "
+        "training stage (teacher + student, endpoint + curve, unlearning + recovery); ANP counts mask "
+        "iterations as steps.",
+        "",
+        *lines,
+        "",
+        "Wall times are not comparable across rows: runs made by this script skip per-epoch test evaluation "
+        "and used 2 threads; rows already present (finetune and nad from the core benchmark) ran with "
+        "per-epoch evaluation, partly on 1 thread, while other jobs shared the CPU.",
+        "",
+        "Reproduce (resumable; needs the core benchmark's attack run):",
+        "",
+        "```bash",
+        f"python benchmarks/defenses_cifar10.py --data-dir benchmarks/work/cifar10_jpeg --attack-run {attack_run} "
+        f"--name {a.name}",
+        "```",
+        "",
+        f"![attention maps](defenses_cifar10_{a.name}_attention.png)",
+    ]
+    (RESULTS / f"defenses_cifar10_{a.name}.md").write_text("\n".join(text) + "\n")
     print("\n".join(lines))
 
 
