@@ -112,7 +112,7 @@ def main():
         *lines,
         "",
         "Wall times are not comparable across rows: runs made by this script skip per-epoch test evaluation "
-        "and used 2 threads; rows already present (finetune and nad from the core benchmark) ran with "
+        "and used 2 threads; for badnets, the finetune and nad rows come from the core benchmark, which ran with "
         "per-epoch evaluation, partly on 1 thread, while other jobs shared the CPU.",
         "",
         "Reproduce (resumable; needs the core benchmark's attack run):",
