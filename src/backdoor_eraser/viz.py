@@ -47,14 +47,7 @@ def attention_figure(models: dict[str, Classifier], image: torch.Tensor, path: s
             ax.set_xticks([])
             ax.set_yticks([])
     axes[0][0].set_title("input", fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 def trigger_figure(attack, images: torch.Tensor, path: str | Path, *, amplify: float = 5.0,
@@ -78,6 +71,13 @@ def trigger_figure(attack, images: torch.Tensor, path: str | Path, *, amplify: f
             axes[r][c].set_xticks([])
             axes[r][c].set_yticks([])
         axes[r][0].set_ylabel(name, fontsize=9)
+    return save_figure(fig, path, title)
+
+
+def save_figure(fig, path: str | Path, title: str | None = None) -> Path:
+    """Title, tighten, write as PNG (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
