@@ -338,3 +338,20 @@ def test_multi_trigger_same_label_and_config_checks():
         MultiTrigger(MultiTriggerConfig(rate=0.5))
     with pytest.raises(UserError, match="outside"):
         MultiTrigger(MultiTriggerConfig(targets=(3, 4, 12))).poison(toy_dataset(30), seed=0)
+
+
+def test_evaluate_reports_asr_per_trigger_for_multi_trigger():
+    from backdoor_eraser.metrics import evaluate
+
+    class TopLeftDetector:
+        """Predicts the target 3 when the top-left 3×3 corner of a black image was stamped, else 0."""
+
+        def predict(self, images, batch_size=512):
+            return torch.where(images[:, :, :3, :3].flatten(1).amax(1) > 0, 3, 0)
+
+    test = ImageDataset(torch.zeros(40, 3, 16, 16, dtype=torch.uint8), torch.arange(40) % 4, list("abcd"))
+    atk = MultiTrigger(MultiTriggerConfig(triggers=("bottom-right", "top-left", "centre"), targets=(3,)))
+    m = evaluate(TopLeftDetector(), test, atk)
+    assert m["asr_top-left"] == 1.0 and m["asr_bottom-right"] == 0.0 and m["asr_centre"] == 0.0
+    assert m["asr"] == pytest.approx(1 / 3) and m["n_triggered"] == 3 * 30
+    assert m["acc"] == 0.25

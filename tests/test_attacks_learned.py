@@ -257,7 +257,7 @@ def test_input_aware_objective_trains_the_generator(tiny_data):
     m_before = [p.detach().clone() for p in atk.mask_net.parameters()]
     objective = atk.training_objective(model, tiny_data.num_classes)
     res = Trainer(TrainConfig(epochs=1, batch_size=16), quiet=True).fit(
-        model, atk.poison(tiny_data), objective=objective, extra_params=atk.training_parameters())
+        model, atk.poison(tiny_data), objective=objective, extra_optimizers=atk.training_optimizers())
     assert res.steps == 2 and "div" in res.history[0] and "ce" in res.history[0]
     assert any(not torch.equal(a, b) for a, b in zip(g_before, atk.generator.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(m_before, atk.mask_net.parameters()))

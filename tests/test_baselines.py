@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from backdoor_eraser.classifier import Classifier
+from backdoor_eraser.errors import UserError
 from backdoor_eraser.data.dataset import ImageDataset
 from backdoor_eraser.defenses.anp import ANP, ANPConfig
 from backdoor_eraser.defenses.bn_masks import (BNMasks, bn_channel_count, bn_layers, prune_bn_channels,
@@ -266,3 +267,20 @@ def test_rnp_lowers_asr(synthetic_backdoor):
     cfg = RNPConfig(batch_size=64, unlearn_lr=0.003, recover_epochs=8)
     res, _ = purify_and_report(RNP(cfg), synthetic_backdoor, "rnp")
     assert res.info["unlearn_acc"] <= 0.2 and res.info["pruned"] > 0
+
+
+def test_rnp_unlearning_stop_is_checked_per_step_over_a_window_or_per_epoch():
+    data = random_data(n=128)
+    # unlearn_acc = 1 makes the check pass at its first opportunity: that shows where the check happens.
+    res = RNP(RNPConfig(unlearn_acc=1.0, unlearn_window=32, recover_epochs=0, batch_size=16)).purify(
+        bn_model(), data, quiet=True)
+    assert res.info["unlearn_steps"] == 2 and res.info["unlearn_epochs"] == 1 and res.info["unlearn_stopped_early"]
+    res = RNP(RNPConfig(unlearn_acc=1.0, unlearn_window=0, recover_epochs=0, batch_size=16)).purify(
+        bn_model(), data, quiet=True)
+    assert res.info["unlearn_steps"] is None and res.info["unlearn_epochs"] == 1 and res.info["unlearn_stopped_early"]
+    # With an unreachable bound nothing stops: both epochs run.
+    res = RNP(RNPConfig(unlearn_acc=0.0, unlearn_lr=0.0, unlearn_window=32, unlearn_epochs=2, recover_epochs=0,
+                        batch_size=16)).purify(bn_model(), data, quiet=True)
+    assert res.info["unlearn_epochs"] == 2 and not res.info["unlearn_stopped_early"]
+    with pytest.raises(UserError, match="unlearn_window"):
+        RNPConfig(unlearn_window=-1).check()

@@ -125,3 +125,22 @@ def test_detect_writes_report(synthetic_backdoor, tmp_path, capsys):
     report = json.loads((out / "detect.json").read_text())
     assert len(report["l1_norms"]) == 10 and "flagged" in report and report["clean_subset"]["count"] == 100
     assert (out / "masks.png").read_bytes()[:4] == b"\x89PNG" and "anomaly index" in stdout
+
+
+def test_show_trigger_from_a_run_folder_uses_the_recorded_trigger(capsys, tmp_path):
+    from backdoor_eraser.training import TrainConfig
+    from backdoor_eraser.workflows import run_attack
+
+    run = tmp_path / "blend-run"
+    run_attack(dataset="synthetic", data_dir=None, arch="wrn-16-1", attack="blend", attack_params={"key_seed": 5},
+               train=TrainConfig(epochs=0), out=run, quiet=True, epoch_eval=False)
+    pngs = {}
+    for label, args in {"run": ["--run", str(run)], "same": ["--attack", "blend", "--key-seed", "5"],
+                        "other": ["--attack", "blend", "--key-seed", "6"]}.items():
+        pngs[label] = tmp_path / f"{label}.png"
+        code, _, err = run_cli(capsys, "show-trigger", *args, "--count", "3", "--out", str(pngs[label]))
+        assert code == 0, err
+    assert pngs["run"].read_bytes() == pngs["same"].read_bytes()
+    assert pngs["run"].read_bytes() != pngs["other"].read_bytes()
+    code, _, err = run_cli(capsys, "show-trigger", "--run", str(run), "--alpha", "0.5", "--out", str(tmp_path / "x.png"))
+    assert code == 2 and "recorded trigger" in err

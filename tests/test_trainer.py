@@ -7,6 +7,7 @@ from torch import nn
 
 from backdoor_eraser.classifier import Classifier
 from backdoor_eraser.data.dataset import ImageDataset
+from backdoor_eraser.errors import UserError
 from backdoor_eraser.training import Schedule, Trainer, TrainConfig, TrainingDiverged
 
 
@@ -118,3 +119,74 @@ def test_batch_hook_sees_every_batch():
     res = Trainer(TrainConfig(epochs=1, batch_size=10, lr=0.1), quiet=True).fit(m, tiny_data(), batch_hook=hook)
     assert seen == [10, 10, 10, 10, 8]
     assert res.history[0]["train_acc"] >= 0
+
+
+def test_step_hooks_report_every_step_and_can_stop_training_mid_epoch():
+    seen = []
+    m = tiny_model()
+    res = Trainer(TrainConfig(epochs=2, batch_size=10, lr=0.1, augment="none"), quiet=True).fit(
+        m, tiny_data(), step_hooks=[seen.append])
+    assert [s["step"] for s in seen] == list(range(1, 11))
+    assert [s["batch_size"] for s in seen[:5]] == [10, 10, 10, 10, 8]
+    for epoch in (1, 2):
+        correct = sum(s["correct"] for s in seen if s["epoch"] == epoch)
+        assert correct == round(res.history[epoch - 1]["train_acc"] * 48)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_third(info):
+        if info["step"] == 3:
+            raise Stop
+
+    cfg = TrainConfig(epochs=1, batch_size=10, lr=0.1, augment="none", shuffle=False)
+    m, ref = tiny_model(), tiny_model()
+    with pytest.raises(Stop):
+        Trainer(cfg, quiet=True).fit(m, tiny_data(), step_hooks=[stop_at_third])
+    # The stopped model holds exactly three steps: the same as one epoch over the first 30 images.
+    Trainer(cfg, quiet=True).fit(ref, tiny_data().subset(torch.arange(30)))
+    assert torch.equal(weights(m), weights(ref))
+
+
+def test_bf16_autocast_trains_and_bad_amp_is_rejected():
+    m = tiny_model()
+    before = weights(m).clone()
+    res = Trainer(TrainConfig(epochs=1, batch_size=16, lr=0.1, amp="bf16"), quiet=True).fit(m, tiny_data())
+    assert math.isfinite(res.history[0]["loss"]) and not torch.equal(weights(m), before)
+    assert weights(m).dtype == torch.float32
+    with pytest.raises(UserError, match="amp"):
+        TrainConfig(amp="fp8").check()
+
+
+def test_extra_optimizer_is_stepped_and_resumes_exactly(tmp_path):
+    """A logit bias trained by its own Adam (as input-aware's generator): stepped every step, and its
+    values and Adam moments survive an interruption."""
+
+    def make():
+        bias = nn.Parameter(torch.zeros(3))
+        return bias, torch.optim.Adam([bias], lr=0.05, betas=(0.5, 0.9))
+
+    def objective_for(bias):
+        return lambda logits, inputs, labels: (nn.functional.cross_entropy(logits + bias, labels), {})
+
+    cfg = TrainConfig(epochs=3, batch_size=8, lr=0.05, crop_padding=2)
+    straight, (bias, adam) = tiny_model(), make()
+    Trainer(cfg, quiet=True).fit(straight, tiny_data(), objective=objective_for(bias), extra_optimizers=[adam])
+    assert adam.state[bias]["step"] == 18 and not torch.equal(bias.detach(), torch.zeros(3))
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(record, optimizer):
+        if record["epoch"] == 2:
+            raise Stop
+
+    run = tmp_path / "run"
+    first, (b1, a1) = tiny_model(), make()
+    with pytest.raises(Stop):
+        Trainer(cfg, quiet=True).fit(first, tiny_data(), objective=objective_for(b1), extra_optimizers=[a1],
+                                     run_dir=run, epoch_hooks=[stop_after_two])
+    resumed, (b2, a2) = tiny_model(seed=5), make()
+    Trainer(cfg, quiet=True).fit(resumed, tiny_data(), objective=objective_for(b2), extra_optimizers=[a2],
+                                 run_dir=run, resume=True)
+    assert torch.equal(weights(resumed), weights(straight)) and torch.equal(b2.detach(), bias.detach())

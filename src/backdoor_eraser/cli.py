@@ -49,7 +49,9 @@ def _add_train(p: argparse.ArgumentParser, d: TrainConfig):
     g.add_argument("--milestones", default="", help="comma-separated epochs (schedule=multistep)")
     g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
     g.add_argument("--augment", choices=("crop-flip", "none"), default=d.augment)
-    g.add_argument("--channels-last", action="store_true")
+    g.add_argument("--channels-last", action="store_true", help="channels-last memory layout (faster convolutions on CPU)")
+    g.add_argument("--amp", choices=("none", "bf16"), default=d.amp,
+                   help="bf16: bfloat16 autocast for the forward pass (about 1.6x faster on AMX CPUs)")
 
 
 def _train_config(a) -> TrainConfig:
@@ -58,7 +60,7 @@ def _train_config(a) -> TrainConfig:
                        step_size=a.step_size, gamma=a.gamma,
                        milestones=tuple(int(m) for m in a.milestones.split(",") if m.strip()),
                        label_smoothing=a.label_smoothing, augment=a.augment, seed=a.seed,
-                       channels_last=a.channels_last)
+                       channels_last=a.channels_last, amp=a.amp)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,8 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("show-trigger", help="write a PNG of clean and triggered examples; extra --name value "
                        "flags set attack parameters")
-    p.add_argument("--attack", required=True)
-    p.add_argument("--dataset", default="synthetic")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--attack", help="attack name: its trigger is built (or fitted) from scratch")
+    src.add_argument("--run", help="attack run folder: show the trigger it was trained with (learned ones included)")
+    p.add_argument("--dataset", help="data set (default: synthetic, or the one recorded in --run)")
     p.add_argument("--data-dir")
     p.add_argument("--params", help="YAML file of attack parameters (flags override it)")
     p.add_argument("--count", type=int, default=8, help="number of example images (default 8)")
@@ -222,10 +226,16 @@ def _run(args, rest) -> int:
         print(f"run folder: {args.out}")
         return 0
     if cmd == "show-trigger":
-        params = _params(attacks.ATTACKS, args.attack, args.params, rest)
-        path = workflows.run_show_trigger(attack=args.attack, attack_params=params, dataset=args.dataset,
-                                          data_dir=args.data_dir, out=args.out, count=args.count,
-                                          amplify=args.amplify, seed=args.seed)
+        if args.run:
+            if rest or args.params:
+                raise UserError("--run shows the recorded trigger; attack parameters cannot be changed")
+            path = workflows.run_show_trigger(run=args.run, dataset=args.dataset, data_dir=args.data_dir,
+                                              out=args.out, count=args.count, amplify=args.amplify, seed=args.seed)
+        else:
+            params = _params(attacks.ATTACKS, args.attack, args.params, rest)
+            path = workflows.run_show_trigger(attack=args.attack, attack_params=params,
+                                              dataset=args.dataset or "synthetic", data_dir=args.data_dir,
+                                              out=args.out, count=args.count, amplify=args.amplify, seed=args.seed)
         print(f"wrote {path}")
         return 0
     if cmd == "detect":

@@ -23,6 +23,8 @@ def evaluate(model: Classifier, test: ImageDataset, attack: Attack | None = None
       "clean ACC", e.g. 9,000 images on CIFAR-10); only for all-to-one attacks;
     - ``asr``: share of triggered non-target images classified as their attack target;
     - ``ra``: share of those classified as their true label.
+    - ``asr_<trigger>``: for attacks with several triggers (``triggered_test_sets``), the ASR of
+      each trigger on its own, e.g. ``asr_top-left``.
     Pass ``triggered`` to reuse a precomputed triggered set.
     """
     preds = model.predict(test.images, batch_size)
@@ -38,6 +40,15 @@ def evaluate(model: Classifier, test: ImageDataset, attack: Attack | None = None
     out["asr"] = (tpred == triggered.target_labels).double().mean().item()
     out["ra"] = (tpred == triggered.true_labels).double().mean().item()
     out["n_triggered"] = len(triggered)
+    if attack is not None and hasattr(attack, "triggered_test_sets"):
+        parts = attack.triggered_test_sets(test)
+        # The combined set is the per-trigger sets concatenated in order (MultiTrigger.triggered_test_set).
+        if sum(len(p) for p in parts.values()) == len(triggered):
+            start = 0
+            for name, part in parts.items():
+                hit = tpred[start:start + len(part)] == triggered.target_labels[start:start + len(part)]
+                out[f"asr_{name}"] = hit.double().mean().item() if len(part) else float("nan")
+                start += len(part)
     return out
 
 

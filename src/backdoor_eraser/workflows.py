@@ -62,7 +62,7 @@ def run_attack(*, dataset: str, data_dir: str | None, arch: str, attack: str, at
     model = new_model(arch, splits.train.classes, splits.train.shape, Normalization.parse(normalization), dev, seed)
     batch_hook = atk.training_batch_hook(splits.train.num_classes)
     objective = atk.training_objective(model, splits.train.num_classes)
-    learned_trigger = bool(atk.training_parameters())
+    learned_trigger = atk.learns_trigger_in_training()
     if batch_hook:
         how = f"poisons {atk.config.rate:.0%} of every batch on the fly"
     elif objective is not None:
@@ -75,7 +75,7 @@ def run_attack(*, dataset: str, data_dir: str | None, arch: str, attack: str, at
     eval_fn = (lambda m: evaluate(m, splits.test, atk, triggered)) if epoch_eval else None
     res = Trainer(train, desc=f"attack {atk.name}", quiet=quiet).fit(
         model, poisoned, eval_fn=eval_fn, run_dir=out, resume=resume, batch_hook=batch_hook,
-        objective=objective, extra_params=atk.training_parameters())
+        objective=objective, extra_params=atk.training_parameters(), extra_optimizers=atk.training_optimizers())
     if triggered is None:
         triggered = atk.triggered_test_set(splits.test)
     metrics = evaluate(model, splits.test, atk, triggered)
@@ -185,7 +185,7 @@ def poisoned_set_for(meta: dict, atk, splits: DataSplits):
     if meta.get("kind") != "attack" or atk is None:
         raise UserError("this defense trains on the poisoned training set: give --model an attack run folder "
                         "(from `backdoor-eraser attack`), whose attack and seed rebuild that set")
-    if atk.training_batch_hook(splits.train.num_classes) is not None or atk.training_parameters():
+    if atk.training_batch_hook(splits.train.num_classes) is not None or atk.learns_trigger_in_training():
         raise UserError(f"attack {atk.name!r} poisons batches on the fly, so there is no fixed poisoned "
                         "training set for this defense to work on")
     poisoned = atk.poison(splits.train, seed=meta.get("seed", 0))
@@ -241,15 +241,28 @@ def run_evaluate(*, model: str | Path, attack: str | None = None, attack_params:
     return metrics
 
 
-def run_show_trigger(*, attack: str, attack_params: dict | None = None, dataset: str = "synthetic",
-                     data_dir: str | None = None, out: str | Path, count: int = 8, amplify: float = 5.0,
-                     seed: int = 0) -> Path:
-    """PNG of ``count`` test images of different non-target classes, clean and triggered."""
+def run_show_trigger(*, attack: str | None = None, attack_params: dict | None = None, run: str | Path | None = None,
+                     dataset: str | None = "synthetic", data_dir: str | None = None, out: str | Path, count: int = 8,
+                     amplify: float = 5.0, seed: int = 0) -> Path:
+    """PNG of ``count`` test images of different non-target classes, clean and triggered.
+
+    With ``run`` (an attack run folder) the trigger is the one recorded there, learned triggers
+    included; otherwise ``attack`` is built and, where it needs fitting, fitted on the training split."""
     from .viz import trigger_figure
 
-    atk = attacks.create(attack, **(attack_params or {}))
-    splits = load_data(dataset, data_dir, {})
-    atk.fit_trigger(splits.train, seed=seed, device="cpu")
+    if run is not None:
+        meta = read_meta(run)
+        atk = attack_for(meta, Path(run), None, None)
+        if atk is None:
+            raise UserError(f"{run} records no attack")
+        splits, rec = data_for(meta, dataset, data_dir, None)
+        dataset = rec["name"]
+    else:
+        if attack is None:
+            raise UserError("name an attack or an attack run folder")
+        atk = attacks.create(attack, **(attack_params or {}))
+        splits = load_data(dataset or "synthetic", data_dir, {})
+        atk.fit_trigger(splits.train, seed=seed, device="cpu")
     triggered = atk.triggered_test_set(splits.test)
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(triggered), generator=g)[:count]

@@ -126,8 +126,16 @@ class Attack:
         return None
 
     def training_parameters(self) -> list:
-        """Extra parameters the trainer optimises together with the model (e.g. a trigger generator)."""
+        """Extra parameters the trainer optimises with the model's SGD (e.g. a trigger generator)."""
         return []
+
+    def training_optimizers(self) -> list:
+        """Optimizers of trigger parameters that the trainer steps with the model's (input-aware's
+        Adam on its generator); the same objects on every call."""
+        return []
+
+    def learns_trigger_in_training(self) -> bool:
+        return bool(self.training_parameters() or self.training_optimizers())
 
     # -- labels -----------------------------------------------------------------------------
     def target_labels(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

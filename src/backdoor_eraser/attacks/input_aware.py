@@ -34,6 +34,7 @@ class InputAwareConfig(PoisonConfig):
     mask_density: float = 0.032
     mask_epochs: int = 25
     mask_lr: float = 0.01
+    generator_lr: float = 0.01
     mask_batch_size: int = 128
     mask_milestones: tuple[int, ...] = (10, 20)
     width: int = 32
@@ -142,8 +143,9 @@ class InputAware(Attack):
     loss = CE over the composed batch + λ_div·mean(‖x1 − x2‖/‖G(x1) − G(x2)‖) (RMS distances).
     :meth:`poison` leaves the training set unchanged; all poisoning happens in the objective.
 
-    Deviations: G is optimised by the trainer's SGD together with the classifier (the release uses
-    a separate Adam, lr 0.01, betas (0.5, 0.9), milestones [200, 300, 400, 500]); cross partners are
+    G has its own Adam (``generator_lr`` 0.01, betas (0.5, 0.9)) stepped by the trainer with the
+    classifier's SGD, as in the release. Deviations: G's lr is constant (the release's milestones
+    [200, 300, 400, 500] lie beyond CPU-sized runs); cross partners are
     other images of the same (shuffled) batch instead of a second data loader; counts use round()
     (the release truncates); the trainer's augmentation is applied to the clean batch *before* the
     trigger is generated (the release augments after), so triggers are never cropped or flipped;
@@ -164,6 +166,7 @@ class InputAware(Attack):
         super().__init__(config)
         self.generator: EncoderDecoder | None = None
         self.mask_net: EncoderDecoder | None = None
+        self._g_optimizer: torch.optim.Optimizer | None = None
 
     # -- networks ------------------------------------------------------------------------------------
     def build(self, shape: tuple[int, int, int], seed: int = 0, device="cpu") -> None:
@@ -179,6 +182,7 @@ class InputAware(Attack):
         with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's stream
             torch.manual_seed(seed)
             self.generator = EncoderDecoder(channels, channels, self.config.width, self.config.depth).to(device)
+            self._g_optimizer = None
             self.mask_net = EncoderDecoder(channels, 1, self.config.width, self.config.depth).to(device)
 
     def _require(self):
@@ -227,9 +231,13 @@ class InputAware(Attack):
         self.mask_net.to(model.device).eval().requires_grad_(False)
         return InputAwareObjective(self, model, num_classes)
 
-    def training_parameters(self) -> list:
+    def training_optimizers(self) -> list:
+        """G's own Adam (lr ``generator_lr`` 0.01, betas (0.5, 0.9)), as the release."""
         self._require()
-        return list(self.generator.parameters())
+        if self._g_optimizer is None:
+            self._g_optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.config.generator_lr,
+                                                 betas=(0.5, 0.9))
+        return [self._g_optimizer]
 
     def poison(self, dataset: ImageDataset, seed: int = 0) -> PoisonedDataset:
         """The training set unchanged: poisoning happens inside :meth:`training_objective`."""

@@ -20,7 +20,11 @@ from .bn_masks import BNMasks, bn_channel_count, masks_to_lists, prune_bn_channe
 class RNPConfig:
     """Release defaults (spec §5.7). Unlearning: gradient ascent on CE over all weights, SGD lr 0.01,
     momentum 0.9, wd 5e-4, ×0.1 at epochs 10 and 20, batch 128, up to ``unlearn_epochs`` (20), stopping
-    after the first epoch whose running training accuracy is ≤ ``unlearn_acc`` (0.20). Recovering:
+    as soon as the training accuracy is ≤ ``unlearn_acc`` (0.20). The release checks the running accuracy
+    once per epoch of its 500-image clean set; here it is checked after every step over the last
+    ``unlearn_window`` (500) images, which is the release's check at any clean-set size (with 2,500
+    images a per-epoch check lets ascent run 5× longer and overshoot). ``unlearn_window=0`` checks
+    per epoch, as the release does literally. Recovering:
     BN-channel masks, SGD lr 0.2, momentum 0.9, ``recover_epochs`` (20), loss α·CE with α = 0.2.
     Pruning: channels with mask ≤ ``threshold`` (0.2). Crop + flip throughout, as the release."""
 
@@ -30,6 +34,7 @@ class RNPConfig:
     unlearn_milestones: tuple[int, ...] = (10, 20)
     unlearn_epochs: int = 20
     unlearn_acc: float = 0.20
+    unlearn_window: int = 500
     recover_lr: float = 0.2
     recover_momentum: float = 0.9
     recover_epochs: int = 20
@@ -42,6 +47,8 @@ class RNPConfig:
     def check(self):
         if self.unlearn_epochs < 0 or self.recover_epochs < 0 or self.batch_size < 1 or self.alpha <= 0:
             raise UserError("RNP needs epochs ≥ 0, batch size ≥ 1 and alpha > 0")
+        if self.unlearn_window < 0:
+            raise UserError("RNP's unlearn_window must be ≥ 0 (0 = check once per epoch)")
         if not 0 <= self.unlearn_acc <= 1 or not 0 <= self.threshold <= 1:
             raise UserError("RNP's unlearn_acc and threshold must be in [0, 1]")
         if self.augment not in ("crop-flip", "none"):
@@ -80,12 +87,28 @@ class RNP(Defense):
         unlearned = model.copy()
         records: list[dict] = []
 
+        window: list[tuple[int, int]] = []  # (correct, batch size) of the latest steps
+
         def stop_check(record, optimizer):
             records.append(record)
-            if record["train_acc"] <= cfg.unlearn_acc:
+            if not cfg.unlearn_window and record["train_acc"] <= cfg.unlearn_acc:
                 if not quiet:
                     tqdm.write(f"rnp unlearn epoch {record['epoch']}: train_acc={record['train_acc']:.4f} ≤ "
                                f"{cfg.unlearn_acc}, stop", file=sys.stderr)
+                raise _StopUnlearning
+
+        def step_check(info):
+            window.append((info["correct"], info["batch_size"]))
+            while sum(b for _, b in window[1:]) >= cfg.unlearn_window:
+                window.pop(0)
+            seen = sum(b for _, b in window)
+            acc = sum(c for c, _ in window) / seen
+            if seen >= min(cfg.unlearn_window, len(clean)) and acc <= cfg.unlearn_acc:
+                records.append({"epoch": info["epoch"], "step": info["step"], "train_acc": acc,
+                                "window_images": seen, "stopped_mid_epoch": True})
+                if not quiet:
+                    tqdm.write(f"rnp unlearn step {info['step']} (epoch {info['epoch']}): accuracy over the last "
+                               f"{seen} images {acc:.4f} ≤ {cfg.unlearn_acc}, stop", file=sys.stderr)
                 raise _StopUnlearning
 
         train = TrainConfig(epochs=cfg.unlearn_epochs, batch_size=cfg.batch_size, lr=cfg.unlearn_lr,
@@ -94,7 +117,8 @@ class RNP(Defense):
                             augment=cfg.augment, seed=cfg.seed)
         try:
             Trainer(train, desc="rnp unlearn", quiet=quiet).fit(unlearned, clean, objective=_negated_ce,
-                                                                epoch_hooks=[stop_check])
+                                                                epoch_hooks=[stop_check],
+                                                                step_hooks=[step_check] if cfg.unlearn_window else ())
         except _StopUnlearning:
             pass
         return unlearned, records
@@ -140,10 +164,11 @@ class RNP(Defense):
         purified = model.copy()
         pruned = prune_bn_channels(purified.net, masks, cfg.threshold)
         history = [{"phase": "unlearn", **r} for r in unlearn_hist] + [{"phase": "recover", **r} for r in recover_hist]
-        info = {"unlearn_epochs": len(unlearn_hist),
+        info = {"unlearn_epochs": unlearn_hist[-1]["epoch"] if unlearn_hist else 0,
+                "unlearn_steps": unlearn_hist[-1].get("step"),
                 "unlearn_acc": unlearn_hist[-1]["train_acc"] if unlearn_hist else None,
                 "unlearn_stopped_early": bool(unlearn_hist) and unlearn_hist[-1]["train_acc"] <= cfg.unlearn_acc,
-                "recover_epochs": cfg.recover_epochs, "epochs": len(unlearn_hist) + cfg.recover_epochs,
+                "recover_epochs": cfg.recover_epochs, "epochs": (unlearn_hist[-1]["epoch"] if unlearn_hist else 0) + cfg.recover_epochs,
                 "channels": bn_channel_count(purified.net), "pruned": pruned, "threshold": cfg.threshold,
                 "sweep": threshold_sweep(model, masks, eval_fn), "masks": masks_to_lists(masks),
                 "seconds": time.perf_counter() - t0}
