@@ -93,7 +93,7 @@ def to_zoo(name: str, run: Path) -> Path:
     meta = json.loads((dest / "meta.json").read_text())
     # Paths of the machine that trained it mean nothing elsewhere; evaluate takes --data-dir.
     meta["dataset"]["data_dir"] = None
-    params = meta.get("attack", {}).get("params", {})
+    params = meta.get("attack", {}).get("config", {})
     for key in ("surrogate", "model", "reflection_dir"):
         if isinstance(params.get(key), str) and "/" in params[key]:
             params[key] = Path(params[key]).name
@@ -209,7 +209,7 @@ def report(names: list[str], work: Path, data_dir: str, wall: dict):
            "| folder | attack | parameters | seed | ACC | ASR | model sha256 | size |",
            "|---|---|---|---|---|---|---|---|"]
     for name, meta, m, digest, size in manifest:
-        params = {k: v for k, v in meta["attack"].get("params", {}).items()}
+        params = meta["attack"].get("config", {})
         ptxt = ", ".join(f"{k}={v}" for k, v in params.items())
         man.append(f"| {name} | {meta['attack']['name']} | {ptxt} | {meta['seed']} | {100 * m['acc']:.2f} | "
                    f"{100 * m['asr']:.2f} | `{digest}` | {size / 1024:.0f} KiB |")
