@@ -72,7 +72,7 @@ def test_isolation_takes_exactly_floor_p_n():
 
 def test_abl_config_checks():
     for bad in (dict(objective="sgd"), dict(isolation_ratio=0.0), dict(isolation_ratio=1.0),
-                dict(finetune_augment="cutout"), dict(unlearning_epochs=-1)):
+                dict(finetune_augment="cutout"), dict(unlearning_epochs=-1), dict(amp="fp8")):
         with pytest.raises(UserError):
             ABL(ABLConfig(**bad))
 

@@ -62,6 +62,9 @@ class ABLConfig:
     unlearning_batch_size: int = 64
     unlearning_augment: str = "none"
     seed: int = 0
+    # Speed only (see TrainConfig): "bf16" autocast and channels-last for every training stage.
+    amp: str = "none"
+    channels_last: bool = False
 
     def check(self):
         if self.objective not in OBJECTIVES:
@@ -73,10 +76,12 @@ class ABLConfig:
         for name in ("isolation_augment", "finetune_augment", "unlearning_augment"):
             if getattr(self, name) not in AUGMENTS:
                 raise UserError(f"{name} must be one of {', '.join(AUGMENTS)}, got {getattr(self, name)!r}")
+        self._train(epochs=1).check()
 
     def _train(self, **kw) -> TrainConfig:
         base = dict(batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov,
-                    weight_decay=self.weight_decay, schedule="constant", seed=self.seed)
+                    weight_decay=self.weight_decay, schedule="constant", seed=self.seed, amp=self.amp,
+                    channels_last=self.channels_last)
         base.update(kw)
         return TrainConfig(**base)
 

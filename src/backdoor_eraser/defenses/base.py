@@ -27,11 +27,15 @@ class OptimConfig:
     gamma: float = 0.1
     augment: str = "crop-flip"
     seed: int = 0
+    # Speed only (see TrainConfig): "bf16" autocast and channels-last.
+    amp: str = "none"
+    channels_last: bool = False
 
     def train_config(self, **overrides) -> TrainConfig:
         base = dict(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
                     nesterov=self.nesterov, weight_decay=self.weight_decay, schedule=self.schedule,
-                    step_size=self.step_size, gamma=self.gamma, augment=self.augment, seed=self.seed)
+                    step_size=self.step_size, gamma=self.gamma, augment=self.augment, seed=self.seed,
+                    amp=self.amp, channels_last=self.channels_last)
         base.update(overrides)
         return TrainConfig(**base)
 
