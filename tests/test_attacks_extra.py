@@ -218,14 +218,16 @@ def test_refool_blur_and_mask_building_blocks():
 
 def test_refool_folder_pool(tmp_path):
     from PIL import Image
+    (tmp_path / "sub").mkdir()
     for i, (size, colour) in enumerate([((40, 40), (255, 0, 0)), ((16, 24), (0, 255, 0)), ((64, 32), (0, 0, 255))]):
-        Image.new("RGB", size, colour).save(tmp_path / f"r{i}.png")
+        # the last one in a subfolder: an unpacked data set with nested folders is read as it is
+        Image.new("RGB", size, colour).save(tmp_path / ("sub/r2.png" if i == 2 else f"r{i}.png"))
     (tmp_path / "notes.txt").write_text("not an image")
     atk = Refool(RefoolConfig(reflection_dir=str(tmp_path)))
     y = atk(flat(100, n=4))
     pool = atk.trigger_state()["pool"]
     assert pool.shape == (3, 3, 32, 32)
-    assert pool[1, :, 5, 5].tolist() == [0, 255, 0]
+    assert pool[1, :, 5, 5].tolist() == [0, 255, 0] and pool[2, :, 5, 5].tolist() == [0, 0, 255]
     assert "pool_index" not in atk.trigger_state()
     assert y.dtype == torch.uint8 and not torch.equal(y, flat(100, n=4))
     assert atk.describe()["reflection_source"] == {"folder": str(tmp_path.resolve())}

@@ -160,13 +160,15 @@ def content_keys(images: torch.Tensor) -> list[int]:
 
 
 def load_reflection_dir(path: str | Path, c: int, h: int, w: int) -> torch.Tensor:
-    """Every image file in ``path`` (sorted by name) as uint8 N×C×H×W, resized (bilinear) to h×w."""
+    """Every image file under ``path``, subfolders included (sorted by relative path, so an unpacked
+    data set works as it is), as uint8 N×C×H×W, resized (bilinear) to h×w."""
     from PIL import Image
 
     folder = Path(path)
     if not folder.is_dir():
         raise UserError(f"refool reflection folder {str(folder)!r} does not exist")
-    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+    files = sorted((f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()),
+                   key=lambda f: f.relative_to(folder).as_posix())
     if not files:
         raise UserError(f"refool reflection folder {str(folder)!r} holds no images")
     arrays = []
