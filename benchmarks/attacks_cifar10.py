@@ -53,6 +53,9 @@ ATTACKS: dict[str, tuple[str, list[str], str, str]] = {
     "clean-label": ("clean-label", ["--surrogate", str(WORK / "attacks" / "clean")], "clean-label",
                     "PGD against the standard-trained `clean` model (not adversarially trained: non-faithful, "
                     "recorded in meta.json)"),
+    "clean-label-4c": ("clean-label", ["--surrogate", str(WORK / "attacks" / "clean"), "--corners", "four-corners"],
+                       "clean-label", "as `clean-label` with the four-corner trigger of Turner et al. (survives "
+                       "the training flips)"),
     "trojannn": ("trojannn", ["--model", str(WORK / "attacks" / "clean")], "poisoned-label",
                  "5×5 patch optimised on the `clean` model"),
     "input-aware": ("input-aware", ["--mask-epochs", "10"], "poisoned-label",

@@ -2,11 +2,14 @@
 trigger for every image, trained jointly with the classifier (spec §4.9)."""
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..classifier import Classifier
 from ..data.dataset import ImageDataset
@@ -203,7 +206,8 @@ class InputAware(Attack):
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.mask_milestones), 0.1)
         g = torch.Generator().manual_seed(seed)
         n, bs = len(train), cfg.mask_batch_size
-        for _ in range(cfg.mask_epochs):
+        for epoch in range(cfg.mask_epochs):
+            t0, loss_sum = time.perf_counter(), 0.0
             order1, order2 = torch.randperm(n, generator=g), torch.randperm(n, generator=g)
             for i in range(0, n, bs):
                 x1 = train.images[order1[i:i + bs]].to(device).float() / 255
@@ -214,7 +218,11 @@ class InputAware(Attack):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                loss_sum += loss.item() * len(x1)
             sched.step()
+            # Pre-training takes minutes on a CPU: say where it is.
+            tqdm.write(f"input-aware mask pre-training epoch {epoch + 1}/{cfg.mask_epochs}: loss={loss_sum / n:.4f} "
+                       f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
         self.mask_net.eval().requires_grad_(False)
 
     # -- joint training --------------------------------------------------------------------------------
