@@ -27,7 +27,14 @@ BUDGET_OVERRIDES = {
     # spec §5.8: 60 retraining epochs (÷10 at 40), here 10 (÷10 at 8); bf16 autocast + channels-last for speed
     "abl": ["--finetune-epochs", "10", "--finetune-milestones", "8", "--amp", "bf16", "--channels-last", "true"],
 }
-ORDER = ["finetune", "nad", "argd", "sage", "fine-pruning", "mcr", "anp", "rnp", "abl"]
+ORDER = ["finetune", "nad", "argd", "sage", "fine-pruning", "mcr", "anp", "rnp", "rnp-epochcheck", "abl", "abl-flooding"]
+# Rows that run a registered defense with other parameters: row name -> (defense, parameters).
+VARIANTS = {
+    # RNP's unlearning stop checked once per epoch (the release's literal check)
+    "rnp-epochcheck": ("rnp", ["--unlearn-window", "0"]),
+    # the released code's isolation: batch-level flooding |L − γ| + γ for 10 epochs (spec §5.8 [C])
+    "abl-flooding": ("abl", ["--objective", "flooding", "--isolation-epochs", "10"] + BUDGET_OVERRIDES["abl"]),
+}
 
 
 def main():
@@ -49,9 +56,10 @@ def main():
         if (out / "metrics.json").exists():
             print(f"{method}: done already ({out})", flush=True)
             continue
-        cmd = exe + ["purify", "--model", str(attack_run), "--method", method, "--clean-fraction", "0.05",
+        defense, extra = VARIANTS.get(method, (method, BUDGET_OVERRIDES.get(method, [])))
+        cmd = exe + ["purify", "--model", str(attack_run), "--method", defense, "--clean-fraction", "0.05",
                      "--seed", str(a.seed), "--data-dir", a.data_dir, "--out", str(out), "--resume",
-                     "--no-epoch-eval"] + BUDGET_OVERRIDES.get(method, [])
+                     "--no-epoch-eval"] + extra
         print("$", shlex.join(cmd), flush=True)
         t0 = time.perf_counter()
         with open(log, "a") as fh:
@@ -112,7 +120,8 @@ def main():
         "iterations as steps. ABL is the exception to the clean subset: it is a training-time defense and "
         "trains a fresh model on the attack's poisoned training set (50,000 images), so its epochs are "
         "full-set epochs. RNP checks its unlearning stop after every step over the last 500 images "
-        "(`unlearn_window`); `*-rnp-epochcheck` folders hold the earlier per-epoch-check runs.",
+        "(`unlearn_window`). Variant rows: " +
+        "; ".join(f"{k} = {d} {' '.join(v)}" for k, (d, v) in VARIANTS.items()) + ".",
         "",
         *lines,
         "",
