@@ -45,13 +45,14 @@ def main():
     ap.add_argument("--work", default=None, help="folder for the defense runs (default: next to the attack run)")
     ap.add_argument("--methods", default=",".join(ORDER))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--report-only", action="store_true", help="rewrite the results from finished runs")
     a = ap.parse_args()
     attack_run = Path(a.attack_run)
     work = Path(a.work) if a.work else attack_run.parent
     log = work / f"defenses-{a.name}.log"
     exe = [sys.executable, "-m", "backdoor_eraser.cli"]
     wall = {}
-    for method in a.methods.split(","):
+    for method in ([] if a.report_only else a.methods.split(",")):
         out = work / f"{attack_run.name}-{method}"
         if (out / "metrics.json").exists():
             print(f"{method}: done already ({out})", flush=True)
@@ -108,6 +109,13 @@ def main():
         lines.append(f"| {name} | {100 * m['acc']:.2f} | {100 * m.get('acc_nontarget', float('nan')):.2f} | "
                      f"{100 * m['asr']:.2f} | {100 * m['ra']:.2f} | {i.get('epochs', '')} | {i.get('steps', '')} | "
                      f"{f'{wt:.0f} s' if wt else ''} |")
+    abl_lines = []
+    for name in ("abl", "abl-flooding"):
+        if name in info:
+            d = json.loads((work / f"{attack_run.name}-{name}" / "meta.json").read_text())["defense_info"]
+            abl_lines.append(f"{name}: {d['isolated_poisoned']} of the {d['isolated_count']} isolated training images "
+                             f"are poisoned (isolation precision {d['isolation_precision']:.2f}; "
+                             f"{d['poisoned_total']} poisoned in all).")
     text = [
         f"# Defenses benchmark: CIFAR-10, WRN-16-1, {a.name}",
         "",
@@ -125,6 +133,7 @@ def main():
         "",
         *lines,
         "",
+        *(["ABL isolation: " + " ".join(abl_lines), ""] if abl_lines else []),
         "Wall times are not comparable across rows: runs made by this script skip per-epoch test evaluation "
         "and used 2 threads; for badnets, the finetune and nad rows come from the core benchmark, which ran with "
         "per-epoch evaluation, partly on 1 thread, while other jobs shared the CPU.",
