@@ -149,18 +149,11 @@ def to_zoo(name: str, run: Path) -> Path:
 
 
 def trigger_grid(name: str, run: Path, splits) -> Path:
-    from backdoor_eraser.runs import read_meta
-    from backdoor_eraser.viz import trigger_figure
-    from backdoor_eraser.workflows import attack_for
-    import torch
+    from backdoor_eraser.workflows import run_show_trigger
 
-    atk = attack_for(read_meta(run), run, None, None)
-    triggered = atk.triggered_test_set(splits.test)
-    pick = torch.randperm(len(triggered), generator=torch.Generator().manual_seed(0))[:8]
-    images = splits.test.images[triggered.source_index[pick]]
-    out = RESULTS / "triggers" / f"{name}.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return trigger_figure(atk, images, out, title=f"{name} on CIFAR-10 (target {atk.config.target})")
+    target = json.loads((run / "meta.json").read_text())["attack"]["config"]["target"]
+    return run_show_trigger(run=run, splits=splits, out=RESULTS / "triggers" / f"{name}.png", seed=0,
+                            title=f"{name} on CIFAR-10 (target {target})")
 
 
 def report(names: list[str], work: Path, data_dir: str, wall: dict):

@@ -282,5 +282,9 @@ def test_rnp_unlearning_stop_is_checked_per_step_over_a_window_or_per_epoch():
     res = RNP(RNPConfig(unlearn_acc=0.0, unlearn_lr=0.0, unlearn_window=32, unlearn_epochs=2, recover_epochs=0,
                         batch_size=16)).purify(bn_model(), data, quiet=True)
     assert res.info["unlearn_epochs"] == 2 and not res.info["unlearn_stopped_early"]
+    # No unlearning at all: nothing recorded, nothing stopped.
+    res = RNP(RNPConfig(unlearn_epochs=0, recover_epochs=0, batch_size=16)).purify(bn_model(), data, quiet=True)
+    assert res.info["unlearn_epochs"] == 0 and res.info["unlearn_steps"] is None
+    assert res.info["unlearn_acc"] is None and not res.info["unlearn_stopped_early"]
     with pytest.raises(UserError, match="unlearn_window"):
         RNPConfig(unlearn_window=-1).check()

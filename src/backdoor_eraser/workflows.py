@@ -243,7 +243,8 @@ def run_evaluate(*, model: str | Path, attack: str | None = None, attack_params:
 
 def run_show_trigger(*, attack: str | None = None, attack_params: dict | None = None, run: str | Path | None = None,
                      dataset: str | None = "synthetic", data_dir: str | None = None, out: str | Path, count: int = 8,
-                     amplify: float = 5.0, seed: int = 0) -> Path:
+                     amplify: float = 5.0, seed: int = 0, splits: DataSplits | None = None,
+                     title: str | None = None) -> Path:
     """PNG of ``count`` test images of different non-target classes, clean and triggered.
 
     With ``run`` (an attack run folder) the trigger is the one recorded there, learned triggers
@@ -255,20 +256,20 @@ def run_show_trigger(*, attack: str | None = None, attack_params: dict | None = 
         atk = attack_for(meta, Path(run), None, None)
         if atk is None:
             raise UserError(f"{run} records no attack")
-        splits, rec = data_for(meta, dataset, data_dir, None)
+        splits, rec = data_for(meta, dataset, data_dir, splits)
         dataset = rec["name"]
     else:
         if attack is None:
             raise UserError("name an attack or an attack run folder")
         atk = attacks.create(attack, **(attack_params or {}))
-        splits = load_data(dataset or "synthetic", data_dir, {})
+        splits = splits or load_data(dataset or "synthetic", data_dir, {})
         atk.fit_trigger(splits.train, seed=seed, device="cpu")
     triggered = atk.triggered_test_set(splits.test)
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(triggered), generator=g)[:count]
     images = splits.test.images[triggered.source_index[pick]]
     return trigger_figure(atk, images, out, amplify=amplify,
-                          title=f"{atk.name} on {dataset} (target {getattr(atk.config, 'target', '?')})")
+                          title=title or f"{atk.name} on {dataset} (target {getattr(atk.config, 'target', '?')})")
 
 
 def run_demo(out: str | Path = "runs/demo", *, device="auto", seed: int = 0, quiet: bool = False) -> dict:

@@ -164,11 +164,12 @@ class RNP(Defense):
         purified = model.copy()
         pruned = prune_bn_channels(purified.net, masks, cfg.threshold)
         history = [{"phase": "unlearn", **r} for r in unlearn_hist] + [{"phase": "recover", **r} for r in recover_hist]
-        info = {"unlearn_epochs": unlearn_hist[-1]["epoch"] if unlearn_hist else 0,
-                "unlearn_steps": unlearn_hist[-1].get("step"),
-                "unlearn_acc": unlearn_hist[-1]["train_acc"] if unlearn_hist else None,
-                "unlearn_stopped_early": bool(unlearn_hist) and unlearn_hist[-1]["train_acc"] <= cfg.unlearn_acc,
-                "recover_epochs": cfg.recover_epochs, "epochs": (unlearn_hist[-1]["epoch"] if unlearn_hist else 0) + cfg.recover_epochs,
+        last = unlearn_hist[-1] if unlearn_hist else {}
+        unlearn_epochs = last.get("epoch", 0)
+        info = {"unlearn_epochs": unlearn_epochs, "unlearn_steps": last.get("step"),
+                "unlearn_acc": last.get("train_acc"),
+                "unlearn_stopped_early": bool(last) and last["train_acc"] <= cfg.unlearn_acc,
+                "recover_epochs": cfg.recover_epochs, "epochs": unlearn_epochs + cfg.recover_epochs,
                 "channels": bn_channel_count(purified.net), "pruned": pruned, "threshold": cfg.threshold,
                 "sweep": threshold_sweep(model, masks, eval_fn), "masks": masks_to_lists(masks),
                 "seconds": time.perf_counter() - t0}
