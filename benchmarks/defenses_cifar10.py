@@ -27,11 +27,21 @@ BUDGET_OVERRIDES = {
     # spec §5.8: 60 retraining epochs (÷10 at 40), here 10 (÷10 at 8); bf16 autocast + channels-last for speed
     "abl": ["--finetune-epochs", "10", "--finetune-milestones", "8", "--amp", "bf16", "--channels-last", "true"],
 }
-ORDER = ["finetune", "nad", "argd", "sage", "fine-pruning", "mcr", "anp", "rnp", "rnp-epochcheck", "abl", "abl-flooding"]
+ORDER = ["finetune", "finetune-lr0.03", "finetune-lr0.01", "nad", "nad-lr0.03", "argd", "sage", "sage-100", "fine-pruning", "mcr", "anp", "rnp",
+         "rnp-epochcheck", "abl-lga", "abl-flooding"]
 # Rows that run a registered defense with other parameters: row name -> (defense, parameters).
 VARIANTS = {
+    # where the 8–13-point ACC loss of every fine-tuning-based defense comes from: the lr 0.1 start
+    "finetune-lr0.03": ("finetune", ["--lr", "0.03"]),
+    "finetune-lr0.01": ("finetune", ["--lr", "0.01"]),
+    # NAD with the gentler lr (teacher and student), where fine-tuning kept more ACC
+    "nad-lr0.03": ("nad", ["--lr", "0.03"]),
+    # SAGE with the spec's full 100 epochs: its lr-halving rule (interval 25 epochs) never fires in 20
+    "sage-100": ("sage", ["--epochs", "100"]),
     # RNP's unlearning stop checked once per epoch (the release's literal check)
     "rnp-epochcheck": ("rnp", ["--unlearn-window", "0"]),
+    # the paper's per-sample LGA (the default until session 3; it isolated no poisoned image here)
+    "abl-lga": ("abl", ["--objective", "lga"] + BUDGET_OVERRIDES["abl"]),
     # the released code's isolation: batch-level flooding |L − γ| + γ for 10 epochs (spec §5.8 [C])
     "abl-flooding": ("abl", ["--objective", "flooding", "--isolation-epochs", "10"] + BUDGET_OVERRIDES["abl"]),
 }
@@ -80,7 +90,7 @@ def main():
         rows[method] = m
         meta = json.loads((out / "meta.json").read_text())
         info[method] = {"epochs": m.get("total_epochs", m.get("epochs")), "steps": m.get("total_steps", m.get("steps")),
-                        "wall_seconds": m.get("wall_seconds"), "overrides": BUDGET_OVERRIDES.get(method, []),
+                        "wall_seconds": m.get("wall_seconds"), "overrides": VARIANTS.get(method, (method, BUDGET_OVERRIDES.get(method, [])))[1],
                         "config": meta["defense"]["config"]}
 
     sys.path.insert(0, str(ROOT / "src"))
@@ -110,7 +120,7 @@ def main():
                      f"{100 * m['asr']:.2f} | {100 * m['ra']:.2f} | {i.get('epochs', '')} | {i.get('steps', '')} | "
                      f"{f'{wt:.0f} s' if wt else ''} |")
     abl_lines = []
-    for name in ("abl", "abl-flooding"):
+    for name in ("abl-lga", "abl-flooding"):
         if name in info:
             d = json.loads((work / f"{attack_run.name}-{name}" / "meta.json").read_text())["defense_info"]
             abl_lines.append(f"{name}: {d['isolated_poisoned']} of the {d['isolated_count']} isolated training images "
@@ -133,7 +143,17 @@ def main():
         "",
         *lines,
         "",
-        *(["ABL isolation: " + " ".join(abl_lines), ""] if abl_lines else []),
+        *(["ABL isolation: " + " ".join(abl_lines) + " After the BadNets result, ABL's default objective became "
+           "the release's flooding (`abl-lga` is the paper's per-sample LGA, the earlier default).", ""]
+          if abl_lines else []),
+        "About the ACC these defenses lose (8–13 points at the paper's lr 0.1, against 2–3 in the NAD and ARGD "
+        "papers): the `finetune-lr*` and `nad-lr0.03` rows are a sensitivity study, not a tuned setting (they are "
+        "read off the test split, so no default was changed from them). At lr 0.03 fine-tuning and NAD keep 6–8 "
+        "more ACC points with ASR still below 5 %; at lr 0.01 fine-tuning keeps the backdoor. Our backdoored "
+        "models were trained for 20 epochs only (the papers' for 100–200), which may make them less stable under "
+        "a lr 0.1 restart; we have not tested that. `sage-100` runs SAGE for the spec's 100 epochs: its "
+        "lr-halving rule (interval 25 epochs) never fires within the 20-epoch budget of the `sage` row.",
+        "",
         "Wall times are not comparable across rows: runs made by this script skip per-epoch test evaluation "
         "and used 2 threads; for badnets, the finetune and nad rows come from the core benchmark, which ran with "
         "per-epoch evaluation, partly on 1 thread, while other jobs shared the CPU.",

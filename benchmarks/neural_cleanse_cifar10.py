@@ -13,6 +13,7 @@ import argparse
 import json
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -64,7 +65,7 @@ def main():
              "|---|---|---|---|---|---|---|---|---|"]
     for label, r in rows.items():
         norms = r["l1_norms"]
-        median = sorted(norms)[len(norms) // 2 - 1 if len(norms) % 2 == 0 else len(norms) // 2]
+        median = statistics.median(norms)  # as the detector's anomaly index (mean of the two middle norms)
         smallest = min(range(len(norms)), key=norms.__getitem__)
         right = (r["backdoored"] == (r["target"] is not None and "NAD" not in label))
         lines.append(f"| {label} | {r['target'] if r['target'] is not None else '—'} | {r['flagged'] or 'none'} | "
@@ -79,7 +80,8 @@ def main():
             "NAD-purified models the right verdict is 'clean'; '(wrong)' marks a miss or a false alarm.", "",
             *lines, "", "Mask grids: " + ", ".join(f"[{run.name}](neural_cleanse/{run.name}.png)"
                                                   for label, (run, _) in MODELS.items() if label in rows) + ".",
-            "", "Reproduce: `python benchmarks/neural_cleanse_cifar10.py --data-dir benchmarks/work/cifar10_jpeg`"]
+            "", "Reproduce: `python benchmarks/neural_cleanse_cifar10.py --data-dir benchmarks/work/cifar10_jpeg"
+            + (f" --epochs {cfg['epochs']}`" if cfg.get("epochs") not in (None, 1000) else "`")]
     (RESULTS / "neural_cleanse_cifar10.md").write_text("\n".join(text) + "\n")
     print("\n".join(lines))
 

@@ -357,3 +357,29 @@ def test_evaluate_reports_asr_per_trigger_for_multi_trigger():
     assert m["asr_top-left"] == 1.0 and m["asr_bottom-right"] == 0.0 and m["asr_centre"] == 0.0
     assert m["asr"] == pytest.approx(1 / 3) and m["n_triggered"] == 3 * 30
     assert m["acc"] == 0.25
+
+
+def test_evaluate_reports_spillover_of_a_class_specific_trigger():
+    """``asr_spillover``: triggered images of classes other than source and target sent to the target."""
+    from backdoor_eraser.metrics import evaluate
+
+    class CornerDetector:
+        """Predicts 0 when the bottom-right corner was stamped (whatever the class), else class 3."""
+
+        def predict(self, images, batch_size=512):
+            return torch.where(images[:, :, -1, -1].flatten(1).amax(1) > 0, 0, 3)
+
+    test = ImageDataset(torch.zeros(40, 3, 16, 16, dtype=torch.uint8), torch.arange(40) % 4, list("abcd"))
+    atk = Patch(PatchConfig(source=2, target=0, pattern="white"))
+    spill = atk.spillover_test_set(test)
+    assert sorted(set(spill.true_labels.tolist())) == [1, 3] and len(spill) == 20
+    assert (spill.target_labels == 0).all() and (spill.images[:, :, -3:, -3:] == 255).all()
+    m = evaluate(CornerDetector(), test, atk)
+    assert m["asr"] == 1.0 and m["n_triggered"] == 10 and m["asr_spillover"] == 1.0
+    # all2all: the backdoor sends class 2 to class 3, so classes 0 and 1 are the bystanders.
+    a2a = Patch(PatchConfig(source=2, mode="all2all", pattern="white"))
+    assert sorted(set(a2a.spillover_test_set(test).true_labels.tolist())) == [0, 1]
+    assert (a2a.spillover_test_set(test).target_labels == 3).all()
+    assert evaluate(CornerDetector(), test, a2a)["asr_spillover"] == 0.0
+    assert Patch(PatchConfig()).spillover_test_set(test) is None and "asr_spillover" not in evaluate(
+        CornerDetector(), test, Patch(PatchConfig()))

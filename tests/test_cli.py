@@ -46,6 +46,15 @@ def test_param_flags_are_typed():
         parse_param_flags(NADConfig, ["--epochs", "x"], "defense 'nad'")
 
 
+def test_tuple_items_with_commas_are_separated_by_semicolons():
+    from backdoor_eraser.attacks.patch import MultiTriggerConfig
+
+    got = parse_param_flags(MultiTriggerConfig, ["--triggers", "bottom-right;22,6;6,22", "--targets", "3,4,5"], "x")
+    assert got == {"triggers": ("bottom-right", "22,6", "6,22"), "targets": (3, 4, 5)}
+    assert parse_param_flags(MultiTriggerConfig, ["--triggers", "top-left,centre"], "x") == \
+        {"triggers": ("top-left", "centre")}
+
+
 def test_listings(capsys):
     code, out, _ = run_cli(capsys, "defenses")
     assert code == 0 and "nad:" in out and "--beta" in out and "(500.0, 1000.0, 1000.0)" in out

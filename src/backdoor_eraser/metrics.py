@@ -25,6 +25,8 @@ def evaluate(model: Classifier, test: ImageDataset, attack: Attack | None = None
     - ``ra``: share of those classified as their true label.
     - ``asr_<trigger>``: for attacks with several triggers (``triggered_test_sets``), the ASR of
       each trigger on its own, e.g. ``asr_top-left``.
+    - ``asr_spillover``: for class-specific attacks (``spillover_test_set``), the share of triggered
+      images of the other classes sent to the backdoor's target, i.e. how class-specific it really is.
     Pass ``triggered`` to reuse a precomputed triggered set.
     """
     preds = model.predict(test.images, batch_size)
@@ -49,6 +51,11 @@ def evaluate(model: Classifier, test: ImageDataset, attack: Attack | None = None
                 hit = tpred[start:start + len(part)] == triggered.target_labels[start:start + len(part)]
                 out[f"asr_{name}"] = hit.double().mean().item() if len(part) else float("nan")
                 start += len(part)
+    spill = getattr(attack, "spillover_test_set", None) if attack is not None else None
+    spill = spill(test) if spill is not None else None
+    if spill is not None and len(spill):
+        hit = model.predict(spill.images, batch_size) == spill.target_labels
+        out["asr_spillover"] = hit.double().mean().item()
     return out
 
 

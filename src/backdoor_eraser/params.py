@@ -42,7 +42,8 @@ def coerce(value: str, typ, default, name: str):
         if origin is tuple or isinstance(default, tuple):
             args = typing.get_args(base)
             elem = args[0] if args else (type(default[0]) if default else str)
-            parts = [p for p in value.split(",") if p.strip() != ""]
+            # ';' separates items that themselves hold commas, e.g. patch positions "x,y".
+            parts = [p for p in value.split(";" if ";" in value else ",") if p.strip() != ""]
             return tuple(elem(p.strip()) if elem in (int, float) else p.strip() for p in parts)
         return value
     except ValueError:

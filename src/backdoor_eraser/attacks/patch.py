@@ -153,6 +153,21 @@ class Patch(Attack):
         targets = self.target_labels(test.labels[keep], test.num_classes)
         return TriggeredTestSet(self(test.images[keep]), targets, test.labels[keep], test.index[keep])
 
+    def spillover_test_set(self, test: ImageDataset) -> TriggeredTestSet | None:
+        """For a class-specific attack: triggered test images of the *other* classes (neither source nor
+        target), labelled with the target. A class-specific backdoor should leave them alone; the share
+        sent to the target anyway is ``asr_spillover`` in :func:`~backdoor_eraser.metrics.evaluate`.
+        None for an ordinary (all-source) patch attack."""
+        if self.config.source is None:
+            return None
+        self._check_target(test.num_classes)
+        self._check_source(test.num_classes)
+        # The label the backdoor gives a triggered source-class image (all2all: source + 1).
+        target = int(self.target_labels(torch.tensor([self.config.source]), test.num_classes)[0])
+        keep = torch.nonzero((test.labels != self.config.source) & (test.labels != target)).flatten()
+        targets = torch.full_like(test.labels[keep], target)
+        return TriggeredTestSet(self(test.images[keep]), targets, test.labels[keep], test.index[keep])
+
 
 # -- several patches at once -----------------------------------------------------------------
 @dataclass
@@ -160,7 +175,8 @@ class MultiTriggerConfig(PoisonConfig):
     """One patch per entry of ``triggers`` (positions, as for ``patch``), sharing ``size``,
     ``pattern``, ``opacity``. ``targets``: one label for the same-label attack or one per trigger for
     the multi-label attack; ``target`` is set to ``targets[0]``. ``rate`` is the poisoned share of
-    the training set *per trigger*."""
+    the training set *per trigger*. On the command line, list positions of the form 'x,y' with ';'
+    between them: ``--triggers 'bottom-right;22,6;6,22'``."""
 
     target: int = 3
     rate: float = 0.1
