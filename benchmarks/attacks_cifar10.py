@@ -102,6 +102,17 @@ FINDINGS = """## What the table shows (one seed per attack)
   poisoned or test image draws its own reflection and blend (spec §4.6); the ARGD code, whose Refool
   models reach 95–100 % ASR, blends one single reflection image into every poisoned sample, a far easier
   trigger. The paper's adversarial selection of reflections is not implemented.
+- **SAGE's variants** (spec §4.10):
+  - *Same-label multi-trigger*: three grids to class 3, 30 % poisoned. Each trigger reaches 100 % ASR, at
+    3.9 points below clean; it is the most heavily poisoned model in the table.
+  - *Multi-label*: five grids to classes 3–7, 2 % each. Each trigger reaches 99.4–99.9 % ASR, at −2.04.
+    A first try at 5 % per trigger (25 % poisoned) collapsed to chance at epoch 2 (loss 2.27, training
+    accuracy 0.13) and stayed there until it was stopped at epoch 6. We did not look into why.
+  - *Large and transparent*: a 20×20 patch at opacity 0.5 reaches 100 % ASR at −1.17, meeting both targets.
+  - *Class-specific* (class 1 → 0, 1,000 poisoned images): 89.6 % ASR on triggered class-1 images, just
+    under the 90 % bar. The trigger also sends 13.2 % of triggered images of the other eight classes to
+    class 0 (`asr_spillover`). The attack poisons class-1 images only, with no triggered images of other
+    classes that keep their labels, so nothing teaches the model that the trigger is specific to class 1.
 - **Input-aware** is not in the table: its generator and mask networks (the release's encoder–decoder)
   cost 2.6× a WRN-16-1 per image forward and backward (0.68 s vs 0.26 s per batch of 128 on one
   thread), so mask pre-training (two passes per step) alone is about 5× a WRN epoch per epoch. The run

@@ -144,6 +144,15 @@ def nc_backdoored(synthetic_backdoor):
     return NeuralCleanse(NC_TEST).detect(synthetic_backdoor.model, synthetic_backdoor.clean, quiet=True)
 
 
+def test_nc_reports_progress_in_a_log(synthetic_backdoor, capsys):
+    """Without a terminal there is no bar, so every 10 epochs and the last one get a line on stderr."""
+    cfg = dataclasses.replace(NC_TEST, epochs=12, samples=8, targets=(0, 1), early_stop=False)
+    NeuralCleanse(cfg).detect(synthetic_backdoor.model, synthetic_backdoor.clean, quiet=False)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("neural cleanse epoch")]
+    assert [ln.split(":")[0] for ln in lines] == ["neural cleanse epoch 10/12", "neural cleanse epoch 12/12"]
+    assert "2 classes active" in lines[-1]
+
+
 @pytest.fixture(scope="module")
 def clean_model(synthetic_backdoor, tmp_path_factory):
     """WRN-16-1 trained on the clean synthetic training split like the demo's attack, minus the poison

@@ -275,6 +275,10 @@ class NeuralCleanse:
                 bar.update(1)
                 if show_bar:
                     bar.set_postfix(active=sum(active), min_l1=f"{min(best_l1):.1f}")
+                elif not quiet and ((epoch + 1) % 10 == 0 or epoch + 1 == cfg.epochs):
+                    # No bar in a log file, but a run takes minutes per model on a CPU: say where it is.
+                    print(f"neural cleanse epoch {epoch + 1}/{cfg.epochs}: {sum(active)} classes active, "
+                          f"smallest mask L1 so far {min(best_l1):.1f}", file=sys.stderr, flush=True)
         finally:
             bar.close()
             model.net.train(was_training)
