@@ -153,3 +153,16 @@ def test_show_trigger_from_a_run_folder_uses_the_recorded_trigger(capsys, tmp_pa
     assert pngs["run"].read_bytes() != pngs["other"].read_bytes()
     code, _, err = run_cli(capsys, "show-trigger", "--run", str(run), "--alpha", "0.5", "--out", str(tmp_path / "x.png"))
     assert code == 2 and "recorded trigger" in err
+
+
+def test_defense_flags_are_never_read_as_prefixes_of_other_flags():
+    from backdoor_eraser.cli import build_parser
+
+    args, rest = build_parser().parse_known_args(["purify", "--model", "m", "--method", "finetune", "--epochs", "1",
+                                                  "--out", "o"])
+    assert args.epochs_budget is None and rest == ["--epochs", "1"]
+    args, rest = build_parser().parse_known_args(["purify", "--model", "m", "--method", "nad", "--p", "3", "--out", "o"])
+    assert args.params is None and rest == ["--p", "3"]
+    args, rest = build_parser().parse_known_args(["attack", "--dataset", "synthetic", "--attack", "badnets",
+                                                  "--out", "o", "--epoch", "3"])
+    assert args.epochs == 100 and rest == ["--epoch", "3"]

@@ -64,16 +64,18 @@ def _train_config(a) -> TrainConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="backdoor-eraser", description=__doc__,
+    # allow_abbrev=False everywhere: a defense's --epochs or NAD's --p must never be read as a prefix of
+    # --epochs-budget or --params.
+    ap = argparse.ArgumentParser(prog="backdoor-eraser", description=__doc__, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="backdoor a model on built-in synthetic data and erase it with NAD (a few minutes on CPU)")
+    p = sub.add_parser("demo", allow_abbrev=False, help="backdoor a model on built-in synthetic data and erase it with NAD (a few minutes on CPU)")
     p.add_argument("--out", default="runs/demo")
     _add_common(p)
 
-    p = sub.add_parser("attack", help="train a backdoored model; extra --name value flags set attack parameters")
+    p = sub.add_parser("attack", allow_abbrev=False, help="train a backdoored model; extra --name value flags set attack parameters")
     p.add_argument("--dataset", required=True, help="cifar10, gtsrb, mnist, folder, synthetic")
     p.add_argument("--data-dir", help="data folder or archive (see README)")
     p.add_argument("--download", action="store_true", help="download the data set when missing (cifar10)")
@@ -87,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(p, TrainConfig(epochs=100, batch_size=128, lr=0.1, weight_decay=5e-4, schedule="cosine"))
     _add_common(p)
 
-    p = sub.add_parser("purify", help="erase a backdoor; extra --name value flags set defense parameters")
+    p = sub.add_parser("purify", allow_abbrev=False, help="erase a backdoor; extra --name value flags set defense parameters")
     _add_model_source(p)
     p.add_argument("--method", required=True, help=f"one of: {', '.join(defenses.names())}")
     p.add_argument("--params", help="YAML file of defense parameters (flags override it)")
@@ -102,13 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-epoch-eval", action="store_true", help="skip test-set metrics after each epoch")
     _add_common(p)
 
-    p = sub.add_parser("evaluate", help="ACC, ASR and RA of a model; extra --name value flags set attack parameters")
+    p = sub.add_parser("evaluate", allow_abbrev=False, help="ACC, ASR and RA of a model; extra --name value flags set attack parameters")
     _add_model_source(p)
     p.add_argument("--attack", help="attack to measure ASR with (default: the one recorded with the model)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     _add_common(p)
 
-    p = sub.add_parser("show-trigger", help="write a PNG of clean and triggered examples; extra --name value "
+    p = sub.add_parser("show-trigger", allow_abbrev=False, help="write a PNG of clean and triggered examples; extra --name value "
                        "flags set attack parameters")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--attack", help="attack name: its trigger is built (or fitted) from scratch")
@@ -121,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG path")
     _add_common(p)
 
-    p = sub.add_parser("detect", help="check a model for a backdoor with Neural Cleanse; extra --name value "
+    p = sub.add_parser("detect", allow_abbrev=False, help="check a model for a backdoor with Neural Cleanse; extra --name value "
                        "flags set detector parameters")
     _add_model_source(p)
     p.add_argument("--detector", default="neural-cleanse")
@@ -131,8 +133,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for detect.json and masks.png")
     _add_common(p)
 
-    sub.add_parser("attacks", help="list attacks and their parameters")
-    sub.add_parser("defenses", help="list defenses and detectors and their parameters")
+    p = sub.add_parser("bench", allow_abbrev=False, help="run a benchmark grid (a built-in spec or a YAML file); rerun to resume")
+    p.add_argument("spec", nargs="?", help="built-in spec name (see --list) or a YAML spec file")
+    p.add_argument("--list", action="store_true", help="list the built-in specs")
+    p.add_argument("--out", help="grid folder: store, cell run folders, report (default runs/<spec name>)")
+    p.add_argument("--data-dir", action="append", help="data folder for every data set, or NAME=DIR per data set "
+                   "(repeatable)")
+    p.add_argument("--only", nargs="+", metavar="AXIS=V1,V2",
+                   help="restrict axes, e.g. --only attack=badnets,blend defense=finetune,nad seed=0")
+    p.add_argument("--zoo", help="folder of attack run folders: attack entries with a zoo name use DIR/NAME "
+                   "when it exists instead of training")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local")
+    p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--cpus-per-cell", type=float, default=1.0, help="Ray CPUs per cell (default 1)")
+    p.add_argument("--gpus-per-cell", type=float, default=0.0, help="Ray GPUs per cell (default 0)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--retry-failed", action="store_true", help="run failed cells again")
+    p.add_argument("--dry-run", action="store_true", help="set the cells up in the store and stop")
+    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+
+    p = sub.add_parser("report", allow_abbrev=False, help="(re)build report.html, results.md and results.csv of a grid folder from its store")
+    p.add_argument("folder", help="grid folder (the --out of bench)")
+    p.add_argument("--spec", help="spec name (default: the only one in the store)")
+    p.add_argument("--no-figures", action="store_true", help="tables only (faster)")
+
+    sub.add_parser("attacks", allow_abbrev=False, help="list attacks and their parameters")
+    sub.add_parser("defenses", allow_abbrev=False, help="list defenses and detectors and their parameters")
     return ap
 
 
@@ -179,7 +206,7 @@ def _run(args, rest) -> int:
     from . import workflows
 
     cmd = args.command
-    if cmd in ("demo", "attacks", "defenses") and rest:
+    if cmd in ("demo", "attacks", "defenses", "bench", "report") and rest:
         raise UserError(f"unexpected arguments: {' '.join(rest)}")
     if cmd == "attacks":
         print(_listing(attacks.ATTACKS))
@@ -188,6 +215,25 @@ def _run(args, rest) -> int:
         print(_listing(defenses.DEFENSES))
         print("\ndetectors (backdoor-eraser detect):")
         print(_listing(defenses.DETECTORS))
+        return 0
+    if cmd == "bench":
+        from .grid import bench
+        if args.list:
+            print(bench.listing())
+            return 0
+        if not args.spec:
+            raise UserError("name a spec: a built-in one (backdoor-eraser bench --list) or a YAML file")
+        counts = bench.run_bench(args.spec, out=args.out, data_dirs=args.data_dir, only=args.only, zoo=args.zoo,
+                                 workers=args.workers, executor=args.executor, ray_address=args.ray_address,
+                                 cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell,
+                                 device=args.device, retry_failed=args.retry_failed, dry_run=args.dry_run,
+                                 report=not args.no_report and not args.dry_run)
+        return 1 if counts.get("failed") else 0
+    if cmd == "report":
+        from .grid import bench
+        paths = bench.run_report(args.folder, spec=args.spec, figures=not args.no_figures)
+        for kind, path in paths.items():
+            print(f"{kind}: {path}")
         return 0
     if cmd == "demo":
         workflows.run_demo(args.out, device=args.device, seed=args.seed, quiet=args.quiet)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import types
 import typing
 from typing import Any, Callable, Generic, TypeVar
 
@@ -106,14 +108,68 @@ def build_config(cfg_cls: type, values: dict[str, Any], what: str = "config"):
         k = key.replace("-", "_")
         if k not in known:
             raise UserError(f"{what} has no parameter {key!r}; parameters: {', '.join(known)}")
-        default = known[k][1]
-        if isinstance(value, list) and isinstance(default, tuple):
+        typ, default = known[k]
+        if isinstance(value, list) and (isinstance(default, tuple) or typing.get_origin(_non_none(typ)) is tuple):
             value = tuple(value)
+        if _non_none(typ) is float and isinstance(value, str):
+            value = _yaml_float(value)  # PyYAML reads 5e-4 (no dot) as a string
+        problem = type_problem(typ, default, value)
+        if problem:
+            raise UserError(f"{what}: parameter {k!r} must be {problem}, got {value!r}")
         clean[k] = value
     try:
         return cfg_cls(**clean)
     except (TypeError, ValueError) as exc:
         raise UserError(f"bad {what} parameters: {exc}") from None
+
+
+def _non_none(typ):
+    """The non-None member of an Optional annotation (the annotation itself otherwise)."""
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        return args[0] if len(args) == 1 else typ
+    return typ
+
+
+def _yaml_float(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+_SIMPLE = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _simple_problem(typ, value) -> str | None:
+    if typ is bool:
+        return None if isinstance(value, bool) else _SIMPLE[bool]
+    if typ is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else _SIMPLE[int]
+    if typ is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else _SIMPLE[float]
+    if typ is str:
+        return None if isinstance(value, (str, os.PathLike)) else _SIMPLE[str]
+    return None
+
+
+def type_problem(typ, default, value) -> str | None:
+    """What ``value`` should have been for a field annotated ``typ`` (None when it fits). Only plain
+    types and tuples of them are checked; a YAML ``epochs: "ten"`` is caught before any training."""
+    base = _non_none(typ)
+    if value is None:
+        optional = base is not typ or default is None
+        return None if optional else f"a value ({getattr(base, '__name__', base)})"
+    if typing.get_origin(base) is tuple:
+        if not isinstance(value, tuple):
+            return "a list"
+        args = [a for a in typing.get_args(base) if a is not Ellipsis]
+        elem = args[0] if len(args) == 1 or (args and all(a is args[0] for a in args)) else None
+        for v in value:
+            if elem in _SIMPLE and _simple_problem(elem, v):
+                return f"a list of {_SIMPLE[elem].replace('an ', '').replace('a ', '')}s"
+        return None
+    return _simple_problem(base, value) if base in _SIMPLE else None
 
 
 def config_to_dict(cfg) -> dict[str, Any]:

@@ -81,9 +81,17 @@ def run_attack(*, dataset: str, data_dir: str | None, arch: str, attack: str, at
     metrics = evaluate(model, splits.test, atk, triggered)
     metrics.update(epochs=res.epochs, steps=res.steps, train_seconds=res.seconds)
     meta = {"kind": "attack", "dataset": dataset_record(dataset, data_dir, data_options), "attack": atk.describe(),
-            "train": config_to_dict(train), "seed": seed, "poison_indices": poisoned.poison_indices.tolist()}
+            "train": config_to_dict(train), "seed": seed, "conv_weight_sq_norm": conv_weight_sq_norm(model.net),
+            "poison_indices": poisoned.poison_indices.tolist()}
     save_run(out, model, meta, metrics=metrics, history=res.history, trigger_state=atk.trigger_state())
     return metrics
+
+
+def conv_weight_sq_norm(net: torch.nn.Module) -> float:
+    """Sum of squared conv weights. BatchNorm makes convs scale-invariant, so the effective lr of a
+    restart is about lr / this: a model with a small norm is fragile under a high-lr fine-tune."""
+    return float(sum(m.weight.detach().double().pow(2).sum() for m in net.modules()
+                     if isinstance(m, torch.nn.Conv2d)))
 
 
 def attack_for(meta: dict, run_dir: Path | None, name: str | None, params: dict | None):
