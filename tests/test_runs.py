@@ -95,3 +95,29 @@ def test_normalization_parsing():
     clf = new_model("wrn-16-1", CLASSES, (3, 32, 32), n)
     x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
     assert torch.allclose(clf.prepare(x), torch.full((1, 3, 2, 2), 2.0))
+
+
+def test_bare_safetensors_of_the_toolkits_own_weights_load_whatever_the_key_order(tmp_path):
+    from safetensors.torch import save_file
+
+    from backdoor_eraser.models import create_model
+    from backdoor_eraser.runs import load_model
+
+    for channels, classes in ((3, 10), (1, 7)):
+        net = create_model("wrn-16-1", num_classes=classes, in_channels=channels)
+        path = tmp_path / f"m{channels}.safetensors"
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))  # keys stored sorted
+        model, meta = load_model(path, arch="wrn-16-1")
+        assert meta == {} and model.input_shape[0] == channels and model.num_classes == classes
+        for k, v in net.state_dict().items():
+            assert torch.equal(model.net.state_dict()[k], v)
+
+
+def test_metrics_files_are_strict_json_without_nan_tokens(tmp_path):
+    from backdoor_eraser.runs import write_json
+
+    write_json(tmp_path / "m.json", {"acc": float("nan"), "asr": torch.tensor(float("inf")), "ra": [0.5, float("-inf")]})
+    text = (tmp_path / "m.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict token {c}")) == \
+        {"acc": None, "asr": None, "ra": [0.5, None]}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -178,10 +179,14 @@ def config_to_dict(cfg) -> dict[str, Any]:
 
 
 def json_ready(obj):
+    """Plain JSON values: tensors and numpy scalars become numbers, tuples lists, and NaN/±inf ``None``
+    (strict JSON has no tokens for them; a NaN metric means "not defined here", e.g. no such images)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
     if isinstance(obj, dict):
         return {str(k): json_ready(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [json_ready(v) for v in obj]
     if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
-        return obj.item()
+        return json_ready(obj.item())
     return obj

@@ -50,7 +50,7 @@ def save_run(run_dir: str | Path, model: Classifier, meta: dict, *, metrics: dic
 
 
 def write_json(path: Path, obj) -> None:
-    Path(path).write_text(json.dumps(json_ready(obj), indent=2) + "\n")
+    Path(path).write_text(json.dumps(json_ready(obj), indent=2, allow_nan=False) + "\n")
 
 
 def read_meta(run_dir: str | Path) -> dict:
@@ -157,10 +157,11 @@ def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | 
     if not arch:
         raise UserError(f"{path} is a bare checkpoint: say which architecture it is with --arch")
     state = read_state_dict(weights, unsafe_load=unsafe_load)
-    num_classes = num_classes or meta.get("num_classes") or infer_num_classes(state) or 10
+    hint_channels, hint_classes = arch_shape_hints(arch, state)
+    num_classes = num_classes or meta.get("num_classes") or hint_classes or infer_num_classes(state) or 10
     if input_shape is None:
         input_shape = tuple(meta["input_shape"]) if "input_shape" in meta else None
-    in_channels = input_shape[0] if input_shape else _infer_in_channels(state)
+    in_channels = input_shape[0] if input_shape else hint_channels or _infer_in_channels(state)
     net = create_model(arch, num_classes=num_classes, in_channels=in_channels)
     load_into(net, state, str(weights))
     if isinstance(normalization, str) or normalization is None:
@@ -176,6 +177,21 @@ def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | 
     model.to(device)
     net.eval()
     return model, meta
+
+
+def arch_shape_hints(arch: str, state: dict[str, torch.Tensor]) -> tuple[int | None, int | None]:
+    """Input channels and classes of a checkpoint of ``arch``, read from the architecture's own first conv
+    and last linear weight by name: key order proves nothing (safetensors sorts keys alphabetically)."""
+    try:
+        probe = create_model(arch, num_classes=10, in_channels=3).state_dict()
+    except UserError:
+        return None, None
+    convs = [k for k, v in probe.items() if v.ndim == 4]
+    linears = [k for k, v in probe.items() if v.ndim == 2]
+    first = state.get(convs[0]) if convs else None
+    last = state.get(linears[-1]) if linears else None
+    return (int(first.shape[1]) if first is not None and first.ndim == 4 else None,
+            int(last.shape[0]) if last is not None and last.ndim == 2 else None)
 
 
 def _infer_in_channels(state: dict[str, torch.Tensor]) -> int:

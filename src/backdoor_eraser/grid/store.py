@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import UserError
+from ..registry import json_ready
 
 SCHEMA_VERSION = 1
 STORE_FILE = "grid.sqlite"
@@ -180,7 +181,7 @@ class Store:
         with self.transaction() as db:
             cur = db.execute("UPDATE cells SET status = 'done', metrics = ?, wall_seconds = ?, steps = ?, "
                              "finished = ?, host = ?, code_version = ?, error = NULL WHERE hash = ? AND worker = ?",
-                             (json.dumps(metrics), wall_seconds, steps, now(), json.dumps(host), code_version,
+                             (json.dumps(json_ready(metrics), allow_nan=False), wall_seconds, steps, now(), json.dumps(host), code_version,
                               cell_hash, worker or worker_id()))
         return cur.rowcount == 1
 
