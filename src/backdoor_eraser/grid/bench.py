@@ -96,7 +96,7 @@ def run_bench(spec_name: str, *, out: str | Path | None = None, data_dirs: list[
             f"{counts['pending'] + counts['running']} not run, in {wall:.0f} s")
         if executor == "local" and workers == 1:
             ran = store.db.execute("SELECT COUNT(*), SUM(wall_seconds) FROM cells WHERE finished >= ? AND "
-                                   "status = 'done'", (started,)).fetchone()
+                                   "status IN ('done', 'failed') AND wall_seconds IS NOT NULL", (started,)).fetchone()
             if ran[0]:
                 # Everything outside the cells' own work: store writes, claiming, progress lines.
                 say(f"grid overhead: {wall - ran[1]:.1f} s of {wall:.0f} s ({100 * (wall - ran[1]) / wall:.2f} %) "

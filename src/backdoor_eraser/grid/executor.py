@@ -135,9 +135,9 @@ def work(folder: Path, spec: str, opts: RunOptions, *, progress: Progress | None
                 store.release(row["hash"], me)
                 raise
             except Exception as exc:  # noqa: BLE001  (a failed cell is recorded and the grid goes on)
-                err = one_line(exc)
-                store.fail(row["hash"], err, host=host_info(opts.device), worker=me)
-                progress.say(progress.line(row, None, time.perf_counter() - t0, err))
+                err, wall = one_line(exc), time.perf_counter() - t0
+                store.fail(row["hash"], err, host=host_info(opts.device), worker=me, wall_seconds=wall)
+                progress.say(progress.line(row, None, wall, err))
                 continue
             finally:
                 beat.hashes.discard(row["hash"])

@@ -185,11 +185,13 @@ class Store:
                               cell_hash, worker or worker_id()))
         return cur.rowcount == 1
 
-    def fail(self, cell_hash: str, error: str, *, host: dict | None = None, worker: str | None = None):
+    def fail(self, cell_hash: str, error: str, *, host: dict | None = None, worker: str | None = None,
+             wall_seconds: float | None = None):
         with self.transaction() as db:
-            db.execute("UPDATE cells SET status = 'failed', error = ?, finished = ?, host = ? "
+            db.execute("UPDATE cells SET status = 'failed', error = ?, finished = ?, host = ?, wall_seconds = ? "
                        "WHERE hash = ? AND worker = ?",
-                       (error, now(), json.dumps(host) if host else None, cell_hash, worker or worker_id()))
+                       (error, now(), json.dumps(host) if host else None, wall_seconds, cell_hash,
+                        worker or worker_id()))
 
     def release(self, cell_hash: str, worker: str | None = None):
         """Give an interrupted cell back (it resumes from its checkpoint on the next run)."""
