@@ -48,7 +48,8 @@ def bare_loop(model, images, labels, batch_size, augment, gen) -> float:
 
 
 def trainer_loop(model, data, batch_size, augment) -> float:
-    cfg = TrainConfig(epochs=1, batch_size=batch_size, lr=0.1, weight_decay=5e-4, augment=augment, schedule="cosine")
+    cfg = TrainConfig(epochs=1, batch_size=batch_size, lr=0.1, weight_decay=5e-4, augment=augment, schedule="cosine",
+                      amp="none")  # the bare loop runs fp32
     res = Trainer(cfg, quiet=True).fit(model, data)
     return len(data) / res.seconds
 

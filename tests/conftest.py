@@ -9,9 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from backdoor_eraser.attacks.base import Attack, TriggeredTestSet
-from backdoor_eraser.classifier import Classifier
-from backdoor_eraser.data.dataset import DataSplits, ImageDataset
+from backdoor_eraser.training.precision import FP32_ENV
+
+# The suite's trajectories must not depend on whether the host has native bf16: ``--amp auto`` means
+# fp32 here (and in the worker processes the grid tests start). Tests of the choice itself mock it.
+os.environ[FP32_ENV] = "1"
+
+from backdoor_eraser.attacks.base import Attack, TriggeredTestSet  # noqa: E402
+from backdoor_eraser.classifier import Classifier  # noqa: E402
+from backdoor_eraser.data.dataset import DataSplits, ImageDataset  # noqa: E402
 
 
 @dataclass
@@ -56,3 +62,23 @@ def synthetic_backdoor(demo_run) -> SyntheticBackdoor:
     clean = clean_subset(splits.train, fraction=workflows.DEMO_CLEAN_FRACTION, seed=0)
     return SyntheticBackdoor(model, splits, attack, triggered, clean, run_dir,
                              evaluate(model, splits.test, attack, triggered))
+
+
+@pytest.fixture
+def interrupt_after_checkpoint(monkeypatch):
+    """``interrupt_after_checkpoint(k)``: the trainer's k-th checkpoint is the last one written before a
+    kill (a KeyboardInterrupt right after it), for exact-resume tests."""
+    from backdoor_eraser.training import Trainer
+
+    def arm(k: int):
+        real, calls = Trainer._save_checkpoint, []
+
+        def save(*args):
+            real(*args)
+            calls.append(1)
+            if len(calls) == k:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(Trainer, "_save_checkpoint", staticmethod(save))
+
+    return arm

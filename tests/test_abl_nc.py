@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from backdoor_eraser import attacks
-from backdoor_eraser.classifier import Normalization
+from backdoor_eraser.classifier import Classifier, Normalization
 from backdoor_eraser.data import load_dataset
+from backdoor_eraser.data.dataset import ImageDataset
 from backdoor_eraser.defenses.abl import (ABL, ABLConfig, IsolationObjective, ascent_objective, flooding_loss,
                                           isolate, isolation_count, lga_loss)
 from backdoor_eraser.defenses.neural_cleanse import (NCConfig, NeuralCleanse, anomaly_indices, report_from_norms,
@@ -72,7 +74,7 @@ def test_isolation_takes_exactly_floor_p_n():
 
 def test_abl_config_checks():
     for bad in (dict(objective="sgd"), dict(isolation_ratio=0.0), dict(isolation_ratio=1.0),
-                dict(finetune_augment="cutout"), dict(unlearning_epochs=-1), dict(amp="fp8")):
+                dict(finetune_augment="blur"), dict(unlearning_epochs=-1), dict(amp="fp8")):
         with pytest.raises(UserError):
             ABL(ABLConfig(**bad))
 
@@ -131,6 +133,31 @@ def test_nc_config_checks():
             NeuralCleanse(NCConfig(**bad))
 
 
+def test_nc_resumes_each_class_search_exactly(tmp_path, interrupt_after_checkpoint):
+    """On a linear model every class is reachable; λ goes up and down and each class stops early (after
+    8, 7 and 7 of 12 epochs). A kill after the 11th checkpoint (class 1, epoch 3) and a resume give the
+    uninterrupted report; class 1's kept mask was found in an epoch with exactly 18 of 20 stamped images
+    sent to it, which counts as reaching attack_success 0.9."""
+    torch.manual_seed(0)
+    model = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(192, 3)), "linear", ["a", "b", "c"], input_shape=(3, 8, 8))
+    g = torch.Generator().manual_seed(0)
+    clean = ImageDataset(torch.randint(0, 256, (24, 3, 8, 8), generator=g).to(torch.uint8), torch.arange(24) % 3,
+                         ["a", "b", "c"])
+    cfg = NCConfig(epochs=12, batch_size=8, samples=20, patience=1, early_stop_patience=2, attack_success=0.9,
+                   init_cost=0.1, lr=0.1)
+    straight = NeuralCleanse(cfg).detect(model, clean, quiet=True)
+    assert straight.epochs == [8, 7, 7] and straight.found == [True] * 3 and straight.attack_success[1] == 0.9
+    assert len(set(straight.cost)) == 3 and cfg.init_cost not in straight.cost
+    interrupt_after_checkpoint(11)
+    with pytest.raises(KeyboardInterrupt):
+        NeuralCleanse(cfg).detect(model, clean, quiet=True, run_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["class-0", "class-1"]
+    resumed = NeuralCleanse(cfg).detect(model, clean, quiet=True, run_dir=tmp_path, resume=True)
+    assert torch.equal(resumed.masks, straight.masks) and torch.equal(resumed.patterns, straight.patterns)
+    for key in ("l1_norms", "cost", "epochs", "attack_success", "found", "flagged"):
+        assert getattr(resumed, key) == getattr(straight, key), key
+
+
 # ----------------------------------------------------------------------------------- NC end to end
 
 # A reduced budget: 20 epochs of 4 steps on 32 clean images, 8 per step and class; λ starts at 1e-2 instead
@@ -145,12 +172,13 @@ def nc_backdoored(synthetic_backdoor):
 
 
 def test_nc_reports_progress_in_a_log(synthetic_backdoor, capsys):
-    """Without a terminal there is no bar, so every 10 epochs and the last one get a line on stderr."""
-    cfg = dataclasses.replace(NC_TEST, epochs=12, samples=8, targets=(0, 1), early_stop=False)
+    """Without a terminal there is no bar: each class's epochs get the trainer's lines on stderr, with λ
+    and the mask's L1."""
+    cfg = dataclasses.replace(NC_TEST, epochs=3, samples=8, targets=(0, 1), early_stop=False)
     NeuralCleanse(cfg).detect(synthetic_backdoor.model, synthetic_backdoor.clean, quiet=False)
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("neural cleanse epoch")]
-    assert [ln.split(":")[0] for ln in lines] == ["neural cleanse epoch 10/12", "neural cleanse epoch 12/12"]
-    assert "2 classes active" in lines[-1]
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("neural cleanse class")]
+    assert [ln.split(":")[0] for ln in lines] == [f"neural cleanse class {c} epoch {e}/3" for c in (0, 1) for e in (1, 2, 3)]
+    assert all(" cost=" in ln and " mask_l1=" in ln for ln in lines)
 
 
 @pytest.fixture(scope="module")

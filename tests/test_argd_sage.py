@@ -165,19 +165,25 @@ def test_dynamic_lr_c2_fires_when_the_max_loss_does_not_drop_and_neither_fires_o
     assert rule.reduced_at == [12, 20] and rule.scale == 0.25
 
 
-def test_dynamic_lr_as_an_epoch_hook_scales_every_param_group():
+def test_dynamic_lr_as_a_callback_scales_every_param_group():
+    from backdoor_eraser.training import Loop
+
     w = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([{"params": [w]}, {"params": [torch.nn.Parameter(torch.zeros(1))], "lr_scale": 2.0}],
                           lr=0.1)
+    loop = Loop(None, opt, epochs=2, steps_per_epoch=1)
     rule = DynamicLR(interval=2, ratio=0.75)
     records = [{"epoch": 1, "loss": 9.0, "ce": 1.0}, {"epoch": 2, "loss": 1.0, "ce": 2.0}]
     for rec in records:
-        rule(rec, opt)
+        rule.on_epoch_end(loop, rec)
     # the rule reads "ce" (1 → 2 does not decrease: C1), not "loss" (9 → 1 does)
     assert [g.get("lr_scale", 1.0) for g in opt.param_groups] == [0.5, 1.0]
     assert records[1]["lr_scale"] == 0.5
+    again = DynamicLR(interval=2, ratio=0.75)
+    again.load_state_dict(rule.state_dict())
+    assert (again.losses, again.reduced_at, again.scale) == ([1.0, 2.0], [2], 0.5)
     rule = DynamicLR(interval=1)
-    rule({"epoch": 1, "loss": 1.0}, opt)  # falls back to "loss"
+    rule.on_epoch_end(loop, {"epoch": 1, "loss": 1.0})  # falls back to "loss"
     assert rule.losses == [1.0]
 
 
@@ -263,4 +269,6 @@ def test_sage_erases_the_synthetic_backdoor_and_selects_by_clean_loss(synthetic_
     best = min(res.history, key=lambda r: r["clean_ce"])
     assert res.info["selected_epoch"] == best["epoch"]
     assert clean_loss(res.model, sb.clean) == pytest.approx(best["clean_ce"], rel=1e-4)
-    assert (tmp_path / "best.pt").exists()
+    # the selection survives a resume: it is part of the loop's checkpoint
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["callbacks"][0]
+    assert saved["epoch"] == best["epoch"] and saved["loss"] == pytest.approx(best["clean_ce"])

@@ -146,7 +146,7 @@ def test_wanet_batch_hook_warps_relabels_and_adds_noise_mode():
 # -- Refool ------------------------------------------------------------------------------------
 def test_refool_pool_comes_from_non_target_classes():
     ds = toy_dataset(200)
-    atk = Refool(RefoolConfig(target=2, pool_size=50))
+    atk = Refool(RefoolConfig(target=2, pool_size=50, reflection_indices=None))
     atk.fit_trigger(ds, seed=0)
     state = atk.trigger_state()
     idx = state["pool_index"]
@@ -154,20 +154,40 @@ def test_refool_pool_comes_from_non_target_classes():
     assert (ds.labels[idx] != 2).all()
     assert torch.equal(state["pool"], ds.images[idx])
     assert atk.describe()["reflection_source"] == {"train_indices": idx.tolist()}
-    other = Refool(RefoolConfig(target=2, pool_size=50))
+    other = Refool(RefoolConfig(target=2, pool_size=50, reflection_indices=None))
     other.fit_trigger(ds, seed=1)
     assert not torch.equal(other.trigger_state()["pool_index"], idx)
     # a pool larger than the non-target classes takes all of them, never the target class
-    big = Refool(RefoolConfig(target=2, pool_size=500))
+    big = Refool(RefoolConfig(target=2, pool_size=500, reflection_indices=None))
     big.fit_trigger(ds, seed=0)
     assert sorted(big.trigger_state()["pool_index"].tolist()) == torch.nonzero(ds.labels != 2).flatten().tolist()
+
+
+def test_refool_default_is_the_argd_single_reflection():
+    ds = toy_dataset(200)
+    assert RefoolConfig().reflection_indices == (2,)
+    atk = Refool(RefoolConfig())
+    atk.fit_trigger(ds, seed=0)
+    state = atk.trigger_state()
+    assert state["pool_index"].tolist() == [2] and torch.equal(state["pool"], ds.images[2:3])
+    p = atk.poison(ds, seed=0)
+    assert p.poison_flag.sum() == round(0.2 * 20) and torch.equal(p.labels, ds.labels)
+    # every poisoned image carries a blend of training image 2 (the same one for a test image)
+    assert (p.images[p.poison_flag] != ds.images[p.poison_flag]).any()
+    two = Refool(RefoolConfig(reflection_indices=(5, 7)))
+    two.fit_trigger(ds, seed=3)
+    assert two.trigger_state()["pool_index"].tolist() == [5, 7]
+    with pytest.raises(UserError, match="refool reflection index 999 is not in the training set"):
+        Refool(RefoolConfig(reflection_indices=(999,))).fit_trigger(ds)
+    with pytest.raises(UserError, match="at least one"):
+        Refool(RefoolConfig(reflection_indices=()))
 
 
 def test_refool_poisoning_is_clean_label_and_seeded():
     ds = toy_dataset(200)
     cfg = RefoolConfig()
     assert (cfg.label_mode, cfg.rate, cfg.target, cfg.pool_size) == ("clean", 0.2, 0, 200)
-    atk = Refool(RefoolConfig(pool_size=30))
+    atk = Refool(RefoolConfig(pool_size=30, reflection_indices=None))
     atk.fit_trigger(ds, seed=0)
     p = atk.poison(ds, seed=0)
     assert p.poison_flag.sum() == round(0.2 * 20)
@@ -185,14 +205,14 @@ def test_refool_both_optical_models_and_test_time_determinism():
     ds = toy_dataset(100)
     x = noise(6, seed=7)
     for ghost_prob in (0.0, 1.0):
-        atk = Refool(RefoolConfig(pool_size=10, ghost_prob=ghost_prob))
+        atk = Refool(RefoolConfig(pool_size=10, ghost_prob=ghost_prob, reflection_indices=None))
         atk.fit_trigger(ds, seed=0)
         y = atk(x)
         assert y.dtype == torch.uint8 and y.shape == x.shape
         assert not torch.equal(y, x)
         # the same image gets the same reflection whatever batch it comes in
         assert torch.equal(atk(x[3:5]), y[3:5])
-        restored = Refool(RefoolConfig(pool_size=10, ghost_prob=ghost_prob))
+        restored = Refool(RefoolConfig(pool_size=10, ghost_prob=ghost_prob, reflection_indices=None))
         restored.load_trigger_state(atk.trigger_state())
         assert torch.equal(restored(x), y)
     t = atk.triggered_test_set(ds)
@@ -342,18 +362,29 @@ def test_multi_trigger_same_label_and_config_checks():
         MultiTrigger(MultiTriggerConfig(targets=(3, 4, 12))).poison(toy_dataset(30), seed=0)
 
 
+def rule_model(rule, classes):
+    """A Classifier whose logits are the one-hot of ``rule(inputs)`` (metrics need logits)."""
+    from backdoor_eraser.classifier import Classifier
+
+    class Rule(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the model a device
+
+        def forward(self, x):
+            return torch.nn.functional.one_hot(rule(x), len(classes)).float() + 0 * self.anchor
+
+    return Classifier(Rule(), "rule", list(classes), input_shape=(3, 16, 16))
+
+
 def test_evaluate_reports_asr_per_trigger_for_multi_trigger():
     from backdoor_eraser.metrics import evaluate
 
-    class TopLeftDetector:
-        """Predicts the target 3 when the top-left 3×3 corner of a black image was stamped, else 0."""
-
-        def predict(self, images, batch_size=512):
-            return torch.where(images[:, :, :3, :3].flatten(1).amax(1) > 0, 3, 0)
-
+    # Predicts the target 3 when the top-left 3×3 corner of a black image was stamped, else 0.
+    detector = rule_model(lambda x: torch.where(x[:, :, :3, :3].flatten(1).amax(1) > 0, 3, 0), "abcd")
     test = ImageDataset(torch.zeros(40, 3, 16, 16, dtype=torch.uint8), torch.arange(40) % 4, list("abcd"))
     atk = MultiTrigger(MultiTriggerConfig(triggers=("bottom-right", "top-left", "centre"), targets=(3,)))
-    m = evaluate(TopLeftDetector(), test, atk)
+    m = evaluate(detector, test, atk)
     assert m["asr_top-left"] == 1.0 and m["asr_bottom-right"] == 0.0 and m["asr_centre"] == 0.0
     assert m["asr"] == pytest.approx(1 / 3) and m["n_triggered"] == 3 * 30
     assert m["acc"] == 0.25
@@ -363,11 +394,9 @@ def test_evaluate_reports_spillover_of_a_class_specific_trigger():
     """``asr_spillover``: triggered images of classes other than source and target sent to the target."""
     from backdoor_eraser.metrics import evaluate
 
-    class CornerDetector:
+    def CornerDetector():
         """Predicts 0 when the bottom-right corner was stamped (whatever the class), else class 3."""
-
-        def predict(self, images, batch_size=512):
-            return torch.where(images[:, :, -1, -1].flatten(1).amax(1) > 0, 0, 3)
+        return rule_model(lambda x: torch.where(x[:, :, -1, -1].flatten(1).amax(1) > 0, 0, 3), "abcd")
 
     test = ImageDataset(torch.zeros(40, 3, 16, 16, dtype=torch.uint8), torch.arange(40) % 4, list("abcd"))
     atk = Patch(PatchConfig(source=2, target=0, pattern="white"))

@@ -12,7 +12,7 @@ from backdoor_eraser.classifier import Normalization
 from backdoor_eraser.data import load_dataset
 from backdoor_eraser.errors import UserError
 from backdoor_eraser.runs import new_model, save_run
-from backdoor_eraser.training import Trainer, TrainConfig
+from backdoor_eraser.training import Task, Trainer, TrainConfig
 
 
 def flat(value=100, n=2, c=3, h=32, w=32):
@@ -36,17 +36,17 @@ def clean_label(data):
 
 def test_clean_label_full_amplitude_trigger_is_the_badnets_grid():
     x = flat(100)
-    y = CleanLabel(CleanLabelConfig())(x)
+    y = CleanLabel(CleanLabelConfig(corners="bottom-right"))(x)
     assert torch.equal(y[:, :, 29:, 29:], GRID.expand(2, 3, 3, 3))
     assert (y != x).any(1).sum() == 2 * 9
     assert torch.equal(x, flat(100)), "the input batch must not be modified"
-    four = CleanLabel(CleanLabelConfig(corners="four-corners"))(flat(100, n=1))[0, 0]
+    four = CleanLabel(CleanLabelConfig())(flat(100, n=1))[0, 0]  # the default
     assert torch.equal(four[:3, :3], GRID.flip(0).flip(1)) and torch.equal(four[29:, :3], GRID.flip(1))
     assert (four != 100).sum() == 4 * 9
 
 
 def test_clean_label_reduced_amplitude_is_additive_and_clipped():
-    atk = CleanLabel(CleanLabelConfig(amplitude=16))
+    atk = CleanLabel(CleanLabelConfig(amplitude=16, corners="bottom-right"))
     y = atk(flat(100, n=1))[0, 0]
     expected = torch.where(GRID > 0, 116, 84).to(torch.uint8)
     assert torch.equal(y[29:, 29:], expected)
@@ -69,11 +69,13 @@ def test_clean_label_poison_keeps_labels_and_touches_only_the_target_class(data,
     assert (train.labels[poisoned.poison_flag] == 0).all()
     assert poisoned.poison_flag.sum() == round(0.8 * (train.labels == 0).sum().item())
     # Off the trigger the perturbation stays within ε = 16 grey levels.
-    off = corner_signs(32, 32, "bottom-right") == 0
+    off = corner_signs(32, 32, "four-corners") == 0
     diff = (poisoned.images.int() - train.images.int()).abs()[:, :, off]
     assert diff.max() <= 16 and diff.max() > 0
     n = int(poisoned.poison_flag.sum())
-    assert torch.equal(poisoned.images[poisoned.poison_flag][:, :, 29:, 29:], GRID.expand(n, 3, 3, 3))
+    stamped = poisoned.images[poisoned.poison_flag]
+    assert torch.equal(stamped[:, :, 29:, 29:], GRID.expand(n, 3, 3, 3))
+    assert torch.equal(stamped[:, :, :3, :3], GRID.flip(0).flip(1).expand(n, 3, 3, 3))
 
 
 def test_clean_label_pgd_increases_the_surrogate_loss(data, clean_label):
@@ -184,6 +186,22 @@ def test_trojannn_mask_image(tmp_path, random_wrn, data):
     assert atk.mask.sum() == 18 and atk.mask[0, 6:9, 4:10].all()
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "sign"])
+def test_trojannn_patch_optimisation_resumes_exactly(random_wrn, data, tmp_path, optimizer, interrupt_after_checkpoint):
+    """Six steps, one checkpoint each; killed after the third and resumed, Adam's moments or the signed
+    steps carry on to the uninterrupted patch."""
+    cfg = TrojanNNConfig(model=str(random_wrn[1]), steps=6, lr=0.05, batch_size=8, optimizer=optimizer)
+    straight = TrojanNN(cfg)
+    straight.fit_trigger(data.train, seed=2)
+    interrupt_after_checkpoint(3)
+    with pytest.raises(KeyboardInterrupt):
+        TrojanNN(cfg).fit_trigger(data.train, seed=2, run_dir=tmp_path)
+    resumed = TrojanNN(cfg)
+    resumed.fit_trigger(data.train, seed=2, run_dir=tmp_path, resume=True)
+    assert torch.equal(resumed.patch, straight.patch) and resumed.info == straight.info
+    assert straight.info["activation"]["final"] > straight.info["activation"]["initial"]
+
+
 def test_trojannn_needs_a_model(data):
     with pytest.raises(UserError, match="'model'"):
         TrojanNN(TrojanNNConfig()).fit_trigger(data.train)
@@ -233,6 +251,25 @@ def test_input_aware_mask_pretraining_lowers_mask_density(tiny_data):
     assert not any(p.requires_grad for p in trained.mask_net.parameters())
 
 
+def test_input_aware_mask_pretraining_resumes_exactly(tiny_data, tmp_path, interrupt_after_checkpoint):
+    """4 epochs with the lr ×0.1 after epochs 1 and 2: killed after epoch 2 and resumed, the mask net
+    (weights and BatchNorm statistics) and the generator match an uninterrupted run. Without the second
+    milestone the result differs: the lr step at the resume point is live."""
+    straight = tiny_input_aware(mask_epochs=4, mask_milestones=(1, 2))
+    straight.fit_trigger(tiny_data, seed=0, quiet=True)
+    interrupt_after_checkpoint(2)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_input_aware(mask_epochs=4, mask_milestones=(1, 2)).fit_trigger(tiny_data, seed=0, run_dir=tmp_path,
+                                                                             quiet=True)
+    resumed = tiny_input_aware(mask_epochs=4, mask_milestones=(1, 2))
+    resumed.fit_trigger(tiny_data, seed=0, run_dir=tmp_path, resume=True, quiet=True)
+    a, b = straight.trigger_state(), resumed.trigger_state()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = tiny_input_aware(mask_epochs=4, mask_milestones=(1,))
+    other.fit_trigger(tiny_data, seed=0, quiet=True)
+    assert not all(torch.equal(a[k], v) for k, v in other.trigger_state().items())
+
+
 def test_input_aware_trigger_state_round_trip(tiny_data, tmp_path):
     atk = tiny_input_aware(mask_epochs=0)
     atk.fit_trigger(tiny_data, seed=0)
@@ -257,7 +294,7 @@ def test_input_aware_objective_trains_the_generator(tiny_data):
     m_before = [p.detach().clone() for p in atk.mask_net.parameters()]
     objective = atk.training_objective(model, tiny_data.num_classes)
     res = Trainer(TrainConfig(epochs=1, batch_size=16), quiet=True).fit(
-        model, atk.poison(tiny_data), objective=objective, extra_optimizers=atk.training_optimizers())
+        model, atk.poison(tiny_data), task=Task(objective, optimizers=atk.training_optimizers()))
     assert res.steps == 2 and "div" in res.history[0] and "ce" in res.history[0]
     assert any(not torch.equal(a, b) for a, b in zip(g_before, atk.generator.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(m_before, atk.mask_net.parameters()))

@@ -17,6 +17,7 @@ from backdoor_eraser.defenses.mcr import MCR, BezierCurve, MCRConfig, ibm_lr_fac
 from backdoor_eraser.defenses.rnp import RNP, RNPConfig
 from backdoor_eraser.metrics import evaluate
 from backdoor_eraser.models import create_model
+from backdoor_eraser.runs import load_model
 
 
 def bn_model(seed=0):
@@ -120,6 +121,23 @@ def test_anp_masks_stay_in_unit_interval_and_prune_by_threshold_or_fraction():
     res = ANP(ANPConfig(iterations=15, batch_size=16, fraction=0.25)).purify(model, data, quiet=True)
     assert res.info["pruned"] == 4
     assert same_state(model, before)
+
+
+def test_anp_resumes_exactly_and_stops_at_the_iteration_budget(tmp_path, interrupt_after_checkpoint):
+    """Epochs of ⌈48 / 16⌉ = 3 iterations; 8 iterations stop the third after two. A kill after the first
+    epoch's checkpoint and a resume give the uninterrupted masks, noise draws included (two ascent steps)."""
+    cfg = ANPConfig(iterations=8, batch_size=16, noise_steps=2)
+    model, data = bn_model(), random_data()
+    masks, history = ANP(cfg).learn_masks(model, data)
+    assert [r["iteration"] for r in history] == [3, 6, 8]
+    interrupt_after_checkpoint(1)
+    with pytest.raises(KeyboardInterrupt):
+        ANP(cfg).purify(model, data, run_dir=tmp_path, quiet=True)
+    assert (tmp_path / "masks" / "checkpoint.pt").exists()
+    again, history2 = ANP(cfg).learn_masks(model, data, run_dir=tmp_path / "masks", resume=True)
+    assert all(torch.equal(again[k], masks[k]) for k in masks)
+    keys = ("iteration", "loss", "train_acc", "robust_ce", "mask_mean", "below_threshold")
+    assert [[r[k] for k in keys] for r in history2] == [[r[k] for k in keys] for r in history]
 
 
 def test_rnp_masks_stay_in_unit_interval_and_unlearning_stops_at_the_accuracy_bound():
@@ -234,28 +252,60 @@ def test_ibm_schedule():
     assert ibm_lr_factor(90, 100) == pytest.approx(0.01) and ibm_lr_factor(99, 100) == 0.01
 
 
-# --- Each defense lowers the ASR of the synthetic BadNets model (reduced budgets) ------------------------------
+# --- Each defense erases the synthetic BadNets backdoor (reduced budgets) --------------------------------------
+# Thresholds: ASR at most 0.20 (from ≈ 1.00) and ACC within 0.05 of the backdoored model's, unless a
+# test says otherwise. They must hold on every host: the fixture's weights, and so the defenses'
+# trajectories, differ with the CPU's kernels (AVX-512, AVX2, default). Plain fine-tuning with the
+# NAD optimiser (2 epochs at lr 0.1) is not one of the guarantees relied on: on some trajectories of
+# the same recipe it leaves the backdoor in place (ASR 0.55-0.95 with ACC 0.96-0.99 seen), so the
+# budgets below were checked on such a model too.
 
-def purify_and_report(defense, fx, name):
+MAX_ASR = 0.20
+MAX_ACC_DROP = 0.05
+
+
+def purify_and_report(defense, fx, name, *, max_asr=MAX_ASR, max_acc_drop=MAX_ACC_DROP, **kwargs):
+    assert fx.metrics["asr"] >= 0.9 and fx.metrics["acc"] >= 0.9, fx.metrics  # the fixture is backdoored
     before = state(fx.model)
-    res = defense.purify(fx.model, fx.clean, quiet=True)
+    res = defense.purify(fx.model, fx.clean, quiet=True, **kwargs)
     assert same_state(fx.model, before)
     json.dumps(res.info)  # run folders store it as JSON
     after = evaluate(res.model, fx.splits.test, fx.attack, fx.triggered)
     print(f"\n{name}: ACC {fx.metrics['acc']:.3f} → {after['acc']:.3f}, "
           f"ASR {fx.metrics['asr']:.3f} → {after['asr']:.3f}")
-    assert after["asr"] < fx.metrics["asr"]
+    assert after["asr"] <= max_asr, (name, after)
+    assert fx.metrics["acc"] - after["acc"] <= max_acc_drop, (name, fx.metrics, after)
     return res, after
 
 
 def test_fine_pruning_lowers_asr(synthetic_backdoor):
-    res, _ = purify_and_report(FinePruning(FinePruningConfig(epochs=2)), synthetic_backdoor, "fine-pruning")
+    fx = synthetic_backdoor
+    res, _ = purify_and_report(FinePruning(FinePruningConfig(epochs=2)), fx, "fine-pruning")
     assert 0 < res.info["pruned"] < 64
 
 
-def test_mcr_lowers_asr(synthetic_backdoor):
-    res, _ = purify_and_report(MCR(MCRConfig(epochs=2, curve_epochs=4)), synthetic_backdoor, "mcr")
-    assert res.info["t"] == 0.3 and len(res.history) == 4
+def test_mcr_lowers_asr(synthetic_backdoor, demo_run):
+    """MCR between the backdoored model and a backdoor-free endpoint: the demo's NAD student (its ASR is
+    checked by test_end_to_end; here it is only a precondition). The curve point at t = 0.3 is 70 % of
+    the way back to the backdoored weights, yet already erases the backdoor (ASR ≤ 0.002 seen from
+    t = 0.3 on). MCR's own endpoint, fine-tuning for 2 epochs, is no such guarantee (see above):
+    with an endpoint that kept the backdoor, t = 0.3 kept ASR 1.00."""
+    fx = synthetic_backdoor
+    endpoint, _ = load_model(demo_run / "nad")
+    end = evaluate(endpoint, fx.splits.test, fx.attack, fx.triggered)
+    assert end["asr"] < MAX_ASR, end
+    res, _ = purify_and_report(MCR(MCRConfig(curve_epochs=4)), fx, "mcr", endpoint=endpoint)
+    assert res.info["t"] == 0.3 and len(res.history) == 4 and "ft_epochs" not in res.info
+
+
+def test_mcr_trains_its_own_endpoint_without_one():
+    model, data = bn_model(), random_data()
+    before = state(model)
+    res = MCR(MCRConfig(epochs=1, batch_size=16, curve_epochs=2, curve_batch_size=16)).purify(model, data, quiet=True)
+    assert res.info["ft_epochs"] == 1 and res.info["ft_steps"] == 3 and len(res.history) == 2
+    assert res.info["total_steps"] == 3 + 2 * 3
+    assert not torch.equal(res.artifacts["endpoint"].net[0].weight, model.net[0].weight)
+    assert same_state(model, before)
 
 
 def test_anp_lowers_asr(synthetic_backdoor):
@@ -264,8 +314,13 @@ def test_anp_lowers_asr(synthetic_backdoor):
 
 
 def test_rnp_lowers_asr(synthetic_backdoor):
-    cfg = RNPConfig(batch_size=64, unlearn_lr=0.003, recover_epochs=8)
-    res, _ = purify_and_report(RNP(cfg), synthetic_backdoor, "rnp")
+    """RNP prunes the channels whose masks the recovery drives to (nearly) zero. On this 464-channel
+    network, unlearned to 20 % accuracy, recovery drives 30-40 masks to exactly 0, and pruning them
+    costs about 0.11 ACC (seen 0.87-0.89 from 0.99-1.00), whatever the trajectory; the default
+    threshold 0.2 adds channels still mid-recovery, and ACC then varied from 0.53 to 0.88. So the
+    threshold here is 0.05 and the ACC bound 0.20."""
+    cfg = RNPConfig(batch_size=64, unlearn_lr=0.003, recover_epochs=8, threshold=0.05)
+    res, _ = purify_and_report(RNP(cfg), synthetic_backdoor, "rnp", max_acc_drop=0.20)
     assert res.info["unlearn_acc"] <= 0.2 and res.info["pruned"] > 0
 
 

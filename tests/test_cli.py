@@ -134,6 +134,18 @@ def test_detect_writes_report(synthetic_backdoor, tmp_path, capsys):
     report = json.loads((out / "detect.json").read_text())
     assert len(report["l1_norms"]) == 10 and "flagged" in report and report["clean_subset"]["count"] == 100
     assert (out / "masks.png").read_bytes()[:4] == b"\x89PNG" and "anomaly index" in stdout
+    # an interrupted search resumes from its per-class checkpoints and gives the same report
+    import shutil
+    part = tmp_path / "nc-part"
+    shutil.copytree(out, part)
+    (part / "detect.json").unlink()
+    (part / "masks.png").unlink()
+    shutil.rmtree(part / "search" / "class-9")
+    code, _, err = run_cli(capsys, "detect", "--model", str(synthetic_backdoor.run_dir), "--clean-count", "100",
+                           "--epochs", "2", "--out", str(part), "--device", "cpu", "--quiet", "--resume")
+    assert code == 0, err
+    again = json.loads((part / "detect.json").read_text())
+    assert again["l1_norms"] == report["l1_norms"] and again["flagged"] == report["flagged"]
 
 
 def test_show_trigger_from_a_run_folder_uses_the_recorded_trigger(capsys, tmp_path):
@@ -165,4 +177,4 @@ def test_defense_flags_are_never_read_as_prefixes_of_other_flags():
     assert args.params is None and rest == ["--p", "3"]
     args, rest = build_parser().parse_known_args(["attack", "--dataset", "synthetic", "--attack", "badnets",
                                                   "--out", "o", "--epoch", "3"])
-    assert args.epochs == 100 and rest == ["--epoch", "3"]
+    assert args.train_epochs == 60 and rest == ["--epoch", "3"]

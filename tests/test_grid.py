@@ -129,7 +129,8 @@ def test_builtin_specs_parse_and_list(capsys):
     spec = load_spec("nad-table1")
     assert [a.label for a in spec.attacks] == ["badnets", "trojan", "blend", "sig", "clean-label", "refool", "wanet"]
     assert spec.seeds == [0, 1, 2] and spec.clean_fractions == [0.05]
-    assert len(expand(spec)) == 7 + 7 * 8 * 3
+    assert len(expand(spec)) == 7 + 7 * 12 * 3
+    assert {"nad-release", "nad-no-cutout", "finetune-release", "finetune-no-cutout"} <= {d.label for d in spec.defenses}
 
 
 def test_attack_cell_is_shared_by_defense_cells_and_across_specs(tmp_path):

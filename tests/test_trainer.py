@@ -8,7 +8,7 @@ from torch import nn
 from backdoor_eraser.classifier import Classifier
 from backdoor_eraser.data.dataset import ImageDataset
 from backdoor_eraser.errors import UserError
-from backdoor_eraser.training import Schedule, Trainer, TrainConfig, TrainingDiverged
+from backdoor_eraser.training import Callback, Schedule, Task, Trainer, TrainConfig, TrainingDiverged
 
 
 def tiny_model(seed=0):
@@ -51,17 +51,9 @@ def test_resume_continues_exactly(tmp_path):
 
     interrupted = tmp_path / "interrupted"
     first = tiny_model()
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_two(record, optimizer):
-        if record["epoch"] == 2:
-            raise Stop
-
-    with pytest.raises(Stop):
-        Trainer(cfg, quiet=True).fit(first, tiny_data(), run_dir=interrupted, epoch_hooks=[stop_after_two])
-    # the hook fires before the epoch-2 checkpoint, so the checkpoint holds epoch 1; resume from it
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, quiet=True).fit(first, tiny_data(), run_dir=interrupted, callbacks=[Counter(fail_at=2)])
+    # the callback fires before the epoch-2 checkpoint, so the checkpoint holds epoch 1; resume from it
     part2 = tiny_model(seed=5)  # different init: everything must come from the checkpoint
     res2 = Trainer(cfg, quiet=True).fit(part2, tiny_data(), run_dir=interrupted, resume=True)
     assert res2.resumed_from == 1
@@ -84,7 +76,7 @@ def test_nan_loss_stops_with_clear_error(tmp_path):
 
     with pytest.raises(TrainingDiverged, match=r"NaN.*epoch 2.*last good checkpoint \(end of epoch 1\)"):
         Trainer(TrainConfig(epochs=3, batch_size=8, lr=0.01), quiet=True).fit(
-            m, tiny_data(), objective=counting, run_dir=tmp_path)
+            m, tiny_data(), task=Task(counting), run_dir=tmp_path)
     assert (tmp_path / "checkpoint.pt").exists()
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["model"].values())
@@ -116,36 +108,85 @@ def test_batch_hook_sees_every_batch():
         return x, torch.zeros_like(y)
 
     m = tiny_model()
-    res = Trainer(TrainConfig(epochs=1, batch_size=10, lr=0.1), quiet=True).fit(m, tiny_data(), batch_hook=hook)
+    res = Trainer(TrainConfig(epochs=1, batch_size=10, lr=0.1), quiet=True).fit(m, tiny_data(),
+                                                                              task=Task(before_augment=hook))
     assert seen == [10, 10, 10, 10, 8]
     assert res.history[0]["train_acc"] >= 0
 
 
-def test_step_hooks_report_every_step_and_can_stop_training_mid_epoch():
-    seen = []
+class StepLog(Callback):
+    wants_steps = True
+
+    def __init__(self, stop_at=None):
+        self.seen, self.stop_at = [], stop_at
+
+    def on_step(self, loop, info):
+        self.seen.append(info)
+        if info["step"] == self.stop_at:
+            loop.request_stop(f"step {self.stop_at}")
+
+
+def test_step_callbacks_report_every_step_and_can_stop_training_mid_epoch(tmp_path):
+    log = StepLog()
     m = tiny_model()
     res = Trainer(TrainConfig(epochs=2, batch_size=10, lr=0.1, augment="none"), quiet=True).fit(
-        m, tiny_data(), step_hooks=[seen.append])
+        m, tiny_data(), callbacks=[log])
+    seen = log.seen
     assert [s["step"] for s in seen] == list(range(1, 11))
     assert [s["batch_size"] for s in seen[:5]] == [10, 10, 10, 10, 8]
     for epoch in (1, 2):
         correct = sum(s["correct"] for s in seen if s["epoch"] == epoch)
         assert correct == round(res.history[epoch - 1]["train_acc"] * 48)
 
-    class Stop(Exception):
-        pass
-
-    def stop_at_third(info):
-        if info["step"] == 3:
-            raise Stop
-
-    cfg = TrainConfig(epochs=1, batch_size=10, lr=0.1, augment="none", shuffle=False)
+    cfg = TrainConfig(epochs=2, batch_size=10, lr=0.1, augment="none", shuffle=False)
     m, ref = tiny_model(), tiny_model()
-    with pytest.raises(Stop):
-        Trainer(cfg, quiet=True).fit(m, tiny_data(), step_hooks=[stop_at_third])
+    res = Trainer(cfg, quiet=True).fit(m, tiny_data(), callbacks=[StepLog(stop_at=3)], run_dir=tmp_path)
+    assert res.stopped == "step 3" and res.steps == 3 and res.epochs == 1
+    assert res.history[0]["stopped_after_step"] == 3
     # The stopped model holds exactly three steps: the same as one epoch over the first 30 images.
-    Trainer(cfg, quiet=True).fit(ref, tiny_data().subset(torch.arange(30)))
+    Trainer(cfg.train_config(epochs=1), quiet=True).fit(ref, tiny_data().subset(torch.arange(30)))
     assert torch.equal(weights(m), weights(ref))
+    # A resumed run does not train past the stop.
+    again = tiny_model(seed=4)
+    res2 = Trainer(cfg, quiet=True).fit(again, tiny_data(), callbacks=[StepLog(stop_at=3)], run_dir=tmp_path,
+                                        resume=True)
+    assert res2.stopped == "step 3" and res2.steps == 3 and torch.equal(weights(again), weights(m))
+
+
+class Counter(Callback):
+    """Counts epochs; its count must survive a checkpoint round trip."""
+
+    def __init__(self, fail_at=None):
+        self.count, self.fail_at = 0, fail_at
+
+    def on_epoch_end(self, loop, record):
+        self.count += 1
+        record["count"] = float(self.count)
+        if self.count == self.fail_at:
+            raise KeyboardInterrupt  # a kill before this epoch's checkpoint
+
+    def state_dict(self):
+        return {"count": self.count}
+
+    def load_state_dict(self, state):
+        self.count = state["count"]
+
+
+def test_callback_state_survives_a_checkpoint_round_trip(tmp_path):
+    cfg = TrainConfig(epochs=4, batch_size=16, lr=0.05)
+    straight = tiny_model()
+    Trainer(cfg, quiet=True).fit(straight, tiny_data(), callbacks=[Counter()])
+    first = tiny_model()
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, quiet=True).fit(first, tiny_data(), callbacks=[Counter(fail_at=3)], run_dir=tmp_path)
+    counter = Counter()
+    resumed = tiny_model(seed=3)
+    res = Trainer(cfg, quiet=True).fit(resumed, tiny_data(), callbacks=[counter], run_dir=tmp_path, resume=True)
+    assert counter.count == 4 and [r["count"] for r in res.history] == [1.0, 2.0, 3.0, 4.0]
+    assert res.resumed_from == 2 and torch.equal(weights(resumed), weights(straight))
+    with pytest.raises(UserError, match="state of 1 callbacks, this run has 2"):
+        Trainer(cfg, quiet=True).fit(tiny_model(), tiny_data(), callbacks=[Counter(), Counter()], run_dir=tmp_path,
+                                     resume=True)
 
 
 def test_bf16_autocast_trains_and_bad_amp_is_rejected():
@@ -158,7 +199,7 @@ def test_bf16_autocast_trains_and_bad_amp_is_rejected():
         TrainConfig(amp="fp8").check()
 
 
-def test_extra_optimizer_is_stepped_and_resumes_exactly(tmp_path):
+def test_task_with_its_own_optimizer_is_stepped_and_resumes_exactly(tmp_path):
     """A logit bias trained by its own Adam (as input-aware's generator): stepped every step, and its
     values and Adam moments survive an interruption."""
 
@@ -166,27 +207,60 @@ def test_extra_optimizer_is_stepped_and_resumes_exactly(tmp_path):
         bias = nn.Parameter(torch.zeros(3))
         return bias, torch.optim.Adam([bias], lr=0.05, betas=(0.5, 0.9))
 
-    def objective_for(bias):
-        return lambda logits, inputs, labels: (nn.functional.cross_entropy(logits + bias, labels), {})
+    def task_for(bias, adam):
+        return Task(lambda logits, inputs, labels: (nn.functional.cross_entropy(logits + bias, labels), {}),
+                    optimizers=[adam])
 
     cfg = TrainConfig(epochs=3, batch_size=8, lr=0.05, crop_padding=2)
     straight, (bias, adam) = tiny_model(), make()
-    Trainer(cfg, quiet=True).fit(straight, tiny_data(), objective=objective_for(bias), extra_optimizers=[adam])
+    Trainer(cfg, quiet=True).fit(straight, tiny_data(), task=task_for(bias, adam))
     assert adam.state[bias]["step"] == 18 and not torch.equal(bias.detach(), torch.zeros(3))
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_two(record, optimizer):
-        if record["epoch"] == 2:
-            raise Stop
 
     run = tmp_path / "run"
     first, (b1, a1) = tiny_model(), make()
-    with pytest.raises(Stop):
-        Trainer(cfg, quiet=True).fit(first, tiny_data(), objective=objective_for(b1), extra_optimizers=[a1],
-                                     run_dir=run, epoch_hooks=[stop_after_two])
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, quiet=True).fit(first, tiny_data(), task=task_for(b1, a1), run_dir=run,
+                                     callbacks=[Counter(fail_at=2)])
     resumed, (b2, a2) = tiny_model(seed=5), make()
-    Trainer(cfg, quiet=True).fit(resumed, tiny_data(), objective=objective_for(b2), extra_optimizers=[a2],
-                                 run_dir=run, resume=True)
+    Trainer(cfg, quiet=True).fit(resumed, tiny_data(), task=task_for(b2, a2), run_dir=run, resume=True)
     assert torch.equal(weights(resumed), weights(straight)) and torch.equal(b2.detach(), bias.detach())
+
+
+# --- every defense's stage table matches what its run records ------------------------------------------
+
+STAGE_CASES = {
+    "finetune": dict(epochs=2),
+    "nad": dict(epochs=2, teacher_epochs=1),
+    "argd": dict(epochs=1, teacher_epochs=2),
+    "sage": dict(epochs=2),
+    "fine-pruning": dict(epochs=1),
+    "mcr": dict(epochs=1, curve_epochs=2, curve_batch_size=16),
+    "rnp": dict(unlearn_epochs=2, recover_epochs=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STAGE_CASES))
+def test_stage_table_matches_the_run(name, tmp_path):
+    from backdoor_eraser import defenses
+    from backdoor_eraser.classifier import Normalization
+    from backdoor_eraser.runs import new_model
+
+    data = tiny_data(40)
+    model = new_model("wrn-10-1", data.classes, (3, 8, 8), Normalization(), "cpu", 0)
+    defense = defenses.create(name, batch_size=16, **STAGE_CASES[name])
+    res = defense.purify(model, data, run_dir=tmp_path, quiet=True)
+    stages = type(defense).stages
+    assert stages and all(s.unit == "epochs" for s in stages)
+    total = 0
+    for stage in stages:
+        want = getattr(defense.config, stage.length_field)
+        ckpt = torch.load(tmp_path / stage.folder / "checkpoint.pt", weights_only=True)
+        stopped = ckpt["stopped"] is not None
+        assert len(ckpt["history"]) == want or (stopped and len(ckpt["history"]) < want), (stage, ckpt["history"])
+        batch = getattr(defense.config, "curve_batch_size", 16) if stage.name == "curve" else 16
+        if not stopped:
+            assert ckpt["steps"] == want * math.ceil(len(data) / batch), stage
+        total += len(ckpt["history"])
+    if "total_epochs" in res.info:
+        assert res.info["total_epochs"] == total
+    assert defenses.epoch_budget_params(name, 3, 40) == {s.length_field: 3 for s in stages}

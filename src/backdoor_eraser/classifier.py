@@ -56,6 +56,17 @@ class Normalization:
         return cls(tuple(d["mean"]), tuple(d["std"]))
 
 
+def nonfinite_summary(tensors: dict[str, torch.Tensor]) -> str:
+    """'' when every floating tensor is finite, else e.g. '1 NaN/inf value in fc.weight'."""
+    bad = [(name, int((~torch.isfinite(t)).sum())) for name, t in tensors.items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if not bad:
+        return ""
+    name, n = bad[0]
+    more = f" and {len(bad) - 1} more tensor(s)" if len(bad) > 1 else ""
+    return f"{n} NaN/inf value{'s' if n > 1 else ''} in {name}{more}"
+
+
 @dataclass
 class Classifier:
     """``net`` maps normalised float inputs to logits; :meth:`prepare` turns uint8 images into them."""

@@ -11,10 +11,9 @@ import sys
 
 from . import __version__, attacks, defenses
 from .errors import UserError
-from .params import describe_params, parse_param_flags, read_yaml_params
-from .registry import config_fields, json_ready
-from .training import TrainConfig
-from .training.schedules import SCHEDULES
+from .params import coerce, describe_params, parse_param_flags, read_yaml_params
+from .registry import build_config, config_fields, json_ready
+from .training import ATTACK_TRAINING, TrainConfig
 
 
 def _add_common(p: argparse.ArgumentParser):
@@ -35,32 +34,45 @@ def _add_model_source(p: argparse.ArgumentParser):
     p.add_argument("--data-dir", help="data folder (default: the one recorded in the run folder)")
 
 
-def _add_train(p: argparse.ArgumentParser, d: TrainConfig):
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--momentum", type=float, default=d.momentum)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--no-nesterov", action="store_true")
-    g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
-    g.add_argument("--step-size", type=int, default=d.step_size, help="epochs per step (schedule=step)")
-    g.add_argument("--gamma", type=float, default=d.gamma, help="lr factor per step/milestone")
-    g.add_argument("--milestones", default="", help="comma-separated epochs (schedule=multistep)")
-    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    g.add_argument("--augment", choices=("crop-flip", "none"), default=d.augment)
-    g.add_argument("--channels-last", action="store_true", help="channels-last memory layout (faster convolutions on CPU)")
-    g.add_argument("--amp", choices=("none", "bf16"), default=d.amp,
-                   help="bf16: bfloat16 autocast for the forward pass (about 1.6x faster on AMX CPUs)")
+TRAIN_HELP = {
+    "step_size": "epochs per step (schedule=step)",
+    "gamma": "lr factor per step/milestone",
+    "milestones": "comma-separated epochs (schedule=multistep)",
+    "augment": "steps joined with '+': crop, flip, cutout (e.g. crop+flip+cutout); crop-flip or none",
+    "cutout_holes": "Cutout holes per image (with augment ...+cutout)",
+    "cutout_length": "Cutout length: the releases' 3 zeroes a 2x2 square",
+    "channels_last": "channels-last memory layout (faster convolutions on CPU)",
+    "amp": "auto: bf16 autocast where the CPU/GPU runs bf16 natively, else fp32; bf16; none (fp32)",
+    "amp_strict": "with --amp bf16: fail instead of falling back to fp32 where bf16 is not native",
+}
+
+
+def _add_train(p: argparse.ArgumentParser, defaults: dict):
+    """One flag per TrainConfig field (the seed comes from --seed), so the two never drift apart."""
+    g = p.add_argument_group("training (TrainConfig)")
+    for name, typ, default in config_fields(TrainConfig):
+        if name == "seed":
+            continue
+        value = defaults.get(name, default)
+        flag = "--" + name.replace("_", "-")
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        help_text = f"{TRAIN_HELP.get(name, '')} (default {shown})".strip()
+
+        def read(text, typ=typ, default=default, name=name):
+            return coerce(text, typ, default, name)
+
+        if isinstance(default, bool):
+            g.add_argument(flag, dest=f"train_{name}", nargs="?", const="true", default=value, type=read,
+                           metavar="BOOL", help=help_text)
+        else:
+            g.add_argument(flag, dest=f"train_{name}", default=value, type=read, metavar=name.upper(), help=help_text)
+    # Kept from before every field had its own flag.
+    g.add_argument("--no-nesterov", dest="train_nesterov", action="store_false", help=argparse.SUPPRESS)
 
 
 def _train_config(a) -> TrainConfig:
-    return TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
-                       nesterov=not a.no_nesterov, weight_decay=a.weight_decay, schedule=a.schedule,
-                       step_size=a.step_size, gamma=a.gamma,
-                       milestones=tuple(int(m) for m in a.milestones.split(",") if m.strip()),
-                       label_smoothing=a.label_smoothing, augment=a.augment, seed=a.seed,
-                       channels_last=a.channels_last, amp=a.amp)
+    values = {name: getattr(a, f"train_{name}") for name, _, _ in config_fields(TrainConfig) if name != "seed"}
+    return build_config(TrainConfig, {**values, "seed": a.seed}, what="training")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,15 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", help="YAML file of attack parameters (flags override it)")
     p.add_argument("--normalization", default="none", help="input normalisation stored with the model (default none)")
     p.add_argument("--out", required=True)
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's last epoch checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the same job from the run folder's last epoch "
+                   "checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds (its old files are deleted first)")
     p.add_argument("--no-epoch-eval", action="store_true", help="skip test-set metrics after each epoch")
-    _add_train(p, TrainConfig(epochs=100, batch_size=128, lr=0.1, weight_decay=5e-4, schedule="cosine"))
+    _add_train(p, ATTACK_TRAINING)
     _add_common(p)
 
     p = sub.add_parser("purify", allow_abbrev=False, help="erase a backdoor; extra --name value flags set defense parameters")
     _add_model_source(p)
     p.add_argument("--method", required=True, help=f"one of: {', '.join(defenses.names())}")
     p.add_argument("--params", help="YAML file of defense parameters (flags override it)")
+    p.add_argument("--preset", help="a named recipe of the defense (paper, release; see backdoor-eraser defenses); "
+                   "explicit parameters override it")
     p.add_argument("--clean-fraction", type=float, help="share of the training set the defender holds (default 0.05)")
     p.add_argument("--clean-count", type=int, help="number of clean images instead of a fraction")
     p.add_argument("--epochs-budget", type=int, help="give every training stage of the defense this many epochs "
@@ -100,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", help="attack to measure ASR with (default: the one recorded with the model)")
     p.add_argument("--target", type=int, help="attack target class (with --attack)")
     p.add_argument("--out", required=True)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue the same job from the run folder's last "
+                   "checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds (its old files are deleted first)")
     p.add_argument("--no-epoch-eval", action="store_true", help="skip test-set metrics after each epoch")
     _add_common(p)
 
@@ -131,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clean-fraction", type=float, help="share of the training set used (default 0.05)")
     p.add_argument("--clean-count", type=int)
     p.add_argument("--out", required=True, help="folder for detect.json and masks.png")
+    p.add_argument("--resume", action="store_true", help="continue the per-class trigger searches from their "
+                   "checkpoints")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds (its old files are deleted first)")
     _add_common(p)
 
     p = sub.add_parser("bench", allow_abbrev=False, help="run a benchmark grid (a built-in spec or a YAML file); rerun to resume")
@@ -180,6 +201,9 @@ def _listing(registry) -> str:
     for name in registry.names():
         out.append(f"{name}: {registry.summary(name)}")
         out += ["    " + line for line in describe_params(registry.config_class(name))]
+        for preset, values in sorted(getattr(registry.get(name), "presets", {}).items()):
+            shown = ", ".join(f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in values.items())
+            out.append(f"    preset {preset}: {shown}")
     return "\n".join(out)
 
 
@@ -189,14 +213,24 @@ def _print_metrics(m: dict):
     print(f"ACC {pct('acc')}  ACC(non-target) {pct('acc_nontarget')}  ASR {pct('asr')}  RA {pct('ra')}")
 
 
+def _one_line(exc: BaseException) -> str:
+    # Messages quoting a parser (YAML, safetensors) may span lines; the CLI promises one.
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args, rest = ap.parse_known_args(argv)
     try:
         return _run(args, rest)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # The file system failed outside a job's run folder (a PNG path, a data cache, a grid store).
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -244,7 +278,7 @@ def _run(args, rest) -> int:
             dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, attack=args.attack, attack_params=params,
             train=_train_config(args), out=args.out, seed=args.seed, device=args.device,
             normalization=args.normalization, data_options={"download": True} if args.download else None,
-            resume=args.resume, epoch_eval=not args.no_epoch_eval, quiet=args.quiet)
+            resume=args.resume, overwrite=args.overwrite, epoch_eval=not args.no_epoch_eval, quiet=args.quiet)
         _print_metrics(metrics)
         print(f"run folder: {args.out}")
         return 0
@@ -257,14 +291,13 @@ def _run(args, rest) -> int:
         if args.target is not None and not args.attack:
             raise UserError("--target needs --attack")
         params = _params(defenses.DEFENSES, args.method, args.params, rest)
-        if "seed" in {f for f, *_ in config_fields(defenses.DEFENSES.config_class(args.method))}:
-            params.setdefault("seed", args.seed)
         metrics = workflows.run_purify(
             model=args.model, method=args.method, out=args.out, defense_params=params,
             clean_fraction=args.clean_fraction, clean_count=args.clean_count, seed=args.seed, dataset=args.dataset,
             data_dir=args.data_dir, arch=args.arch, normalization=args.normalization, num_classes=args.num_classes,
             unsafe_load=args.unsafe_load, attack=args.attack, attack_params=attack_params, device=args.device,
-            resume=args.resume, quiet=args.quiet, epoch_eval=not args.no_epoch_eval, epochs_budget=args.epochs_budget)
+            resume=args.resume, quiet=args.quiet, epoch_eval=not args.no_epoch_eval, epochs_budget=args.epochs_budget,
+            preset=args.preset, overwrite=args.overwrite)
         print("before: ", end="")
         _print_metrics(metrics["before"])
         print("after:  ", end="")
@@ -276,12 +309,14 @@ def _run(args, rest) -> int:
             if rest or args.params:
                 raise UserError("--run shows the recorded trigger; attack parameters cannot be changed")
             path = workflows.run_show_trigger(run=args.run, dataset=args.dataset, data_dir=args.data_dir,
-                                              out=args.out, count=args.count, amplify=args.amplify, seed=args.seed)
+                                              out=args.out, count=args.count, amplify=args.amplify, seed=args.seed,
+                                              device=args.device)
         else:
             params = _params(attacks.ATTACKS, args.attack, args.params, rest)
             path = workflows.run_show_trigger(attack=args.attack, attack_params=params,
                                               dataset=args.dataset or "synthetic", data_dir=args.data_dir,
-                                              out=args.out, count=args.count, amplify=args.amplify, seed=args.seed)
+                                              out=args.out, count=args.count, amplify=args.amplify, seed=args.seed,
+                                              device=args.device)
         print(f"wrote {path}")
         return 0
     if cmd == "detect":
@@ -291,7 +326,8 @@ def _run(args, rest) -> int:
             model=args.model, out=args.out, detector=args.detector, params=params,
             clean_fraction=args.clean_fraction, clean_count=args.clean_count, seed=args.seed, dataset=args.dataset,
             data_dir=args.data_dir, arch=args.arch, normalization=args.normalization, num_classes=args.num_classes,
-            unsafe_load=args.unsafe_load, device=args.device, quiet=args.quiet)
+            unsafe_load=args.unsafe_load, device=args.device, quiet=args.quiet, overwrite=args.overwrite,
+            resume=args.resume)
         flagged = res.get("flagged") or []
         print(f"anomaly index {res.get('mad_index', float('nan')):.2f}; flagged classes: "
               f"{', '.join(map(str, flagged)) if flagged else 'none'}  ({args.out}/detect.json)")

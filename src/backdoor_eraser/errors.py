@@ -7,3 +7,7 @@ class UserError(Exception):
     The CLI prints ``error: <message>`` and exits with status 2 instead of a
     traceback; library callers can catch it like any exception.
     """
+
+
+class NonFiniteModel(UserError):
+    """A model whose weights or outputs hold NaN or infinity: any metric of it would be meaningless."""

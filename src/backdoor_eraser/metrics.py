@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 
 from .attacks.base import Attack, TriggeredTestSet
-from .classifier import Classifier
+from .classifier import Classifier, nonfinite_summary
 from .data.dataset import ImageDataset
+from .errors import NonFiniteModel
 
 
 def accuracy(model: Classifier, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
@@ -14,8 +15,28 @@ def accuracy(model: Classifier, images: torch.Tensor, labels: torch.Tensor, batc
     return (model.predict(images, batch_size) == labels.cpu()).double().mean().item()
 
 
+@torch.no_grad()
+def predict_finite(model: Classifier, images: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:
+    """``model.predict``, refusing NaN/inf logits: their argmax is an arbitrary class, so a broken model
+    would score as a perfect backdoor."""
+    was_training = model.net.training
+    model.net.eval()
+    preds, bad = [], torch.zeros((), dtype=torch.int64)
+    try:
+        for i in range(0, len(images), batch_size):
+            logits = model(images[i:i + batch_size])
+            bad += (~torch.isfinite(logits)).any(1).sum().cpu()
+            preds.append(logits.argmax(1).cpu())
+    finally:
+        model.net.train(was_training)
+    if int(bad):
+        raise NonFiniteModel(f"{name} gives NaN/inf logits for {int(bad)} of {len(images)} images, so it has no "
+                             "meaningful ACC or ASR (overflowing weights or a diverged training)")
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64)
+
+
 def evaluate(model: Classifier, test: ImageDataset, attack: Attack | None = None,
-             triggered: TriggeredTestSet | None = None, batch_size: int = 512) -> dict:
+             triggered: TriggeredTestSet | None = None, batch_size: int = 512, *, name: str = "the model") -> dict:
     """Metrics as fractions in [0, 1].
 
     - ``acc``: accuracy on the whole clean test set;
@@ -27,9 +48,14 @@ def evaluate(model: Classifier, test: ImageDataset, attack: Attack | None = None
       each trigger on its own, e.g. ``asr_top-left``.
     - ``asr_spillover``: for class-specific attacks (``spillover_test_set``), the share of triggered
       images of the other classes sent to the backdoor's target, i.e. how class-specific it really is.
-    Pass ``triggered`` to reuse a precomputed triggered set.
+    Pass ``triggered`` to reuse a precomputed triggered set. A model with NaN/inf weights or logits is
+    refused (:class:`NonFiniteModel`, naming it by ``name``).
     """
-    preds = model.predict(test.images, batch_size)
+    broken = nonfinite_summary(model.net.state_dict())
+    if broken:
+        raise NonFiniteModel(f"{name} has non-finite weights ({broken}), so it has no meaningful ACC or ASR "
+                             "(e.g. its training diverged)")
+    preds = predict_finite(model, test.images, batch_size, name)
     out = {"acc": (preds == test.labels).double().mean().item(), "n_test": len(test)}
     if attack is None and triggered is None:
         return out
@@ -38,7 +64,7 @@ def evaluate(model: Classifier, test: ImageDataset, attack: Attack | None = None
         out["acc_nontarget"] = (preds[keep] == test.labels[keep]).double().mean().item()
     if triggered is None:
         triggered = attack.triggered_test_set(test)
-    tpred = model.predict(triggered.images, batch_size)
+    tpred = predict_finite(model, triggered.images, batch_size, name)
     out["asr"] = (tpred == triggered.target_labels).double().mean().item()
     out["ra"] = (tpred == triggered.true_labels).double().mean().item()
     out["n_triggered"] = len(triggered)
@@ -54,7 +80,7 @@ def evaluate(model: Classifier, test: ImageDataset, attack: Attack | None = None
     spill = getattr(attack, "spillover_test_set", None) if attack is not None else None
     spill = spill(test) if spill is not None else None
     if spill is not None and len(spill):
-        hit = model.predict(spill.images, batch_size) == spill.target_labels
+        hit = predict_finite(model, spill.images, batch_size, name) == spill.target_labels
         out["asr_spillover"] = hit.double().mean().item()
     return out
 

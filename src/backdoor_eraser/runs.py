@@ -1,5 +1,6 @@
 """The result contract: a run folder holds ``model.safetensors``, ``meta.json``, ``metrics.json``,
 ``history.csv`` (and ``trigger.safetensors`` when the trigger has state). Everything downstream reads it.
+``runfolder`` makes its writes atomic and refuses folders whose files do not match their meta.json.
 
 Models from elsewhere are untrusted files: safetensors load as data; ``.pt/.pth/.tar`` load only
 through ``torch.load(weights_only=True)`` unless the caller opts in to full unpickling.
@@ -16,10 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .classifier import Classifier, Normalization
-from .errors import UserError
+from .classifier import Classifier, Normalization, nonfinite_summary
+from .errors import NonFiniteModel, UserError
 from .models import attention_sites, create_model
-from .registry import json_ready
+from .runfolder import check_files, check_meta_types, commit, describe_missing_meta, json_text, write_atomic
 from .training import write_history
 
 MODEL_FILE = "model.safetensors"
@@ -32,40 +33,55 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".tar", ".ckpt", ".bin", ".pkl")
 
 def save_run(run_dir: str | Path, model: Classifier, meta: dict, *, metrics: dict | None = None,
              history: list[dict] | None = None, trigger_state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write a run folder; ``meta`` is extended with the model's description and provenance."""
+    """Write a run folder as one change (see ``runfolder.commit``); ``meta`` is extended with the model's
+    description and provenance."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()}
-    save_file(state, str(run_dir / MODEL_FILE))
     full_meta = {**model.describe(), **meta, "toolkit_version": __version__, "torch_version": torch.__version__,
                  "python_version": platform.python_version(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    write_json(run_dir / META_FILE, full_meta)
-    if metrics is not None:
-        write_json(run_dir / METRICS_FILE, metrics)
+    files = {MODEL_FILE: lambda p: save_file(state, str(p))}
     if history is not None:
-        write_history(run_dir / HISTORY_FILE, history)
+        files[HISTORY_FILE] = lambda p: write_history(p, history)
     if trigger_state:
-        save_file({k: v.contiguous() for k, v in trigger_state.items()}, str(run_dir / TRIGGER_FILE))
+        trigger = {k: v.detach().cpu().contiguous() for k, v in trigger_state.items()}
+        files[TRIGGER_FILE] = lambda p: save_file(trigger, str(p))
+    if metrics is not None:
+        files[METRICS_FILE] = lambda p: p.write_text(json_text(metrics))
+    commit(run_dir, files, full_meta, replaces=(HISTORY_FILE, TRIGGER_FILE))
     return run_dir
 
 
 def write_json(path: Path, obj) -> None:
-    Path(path).write_text(json.dumps(json_ready(obj), indent=2, allow_nan=False) + "\n")
+    write_atomic(Path(path), lambda p: p.write_text(json_text(obj)))
 
 
 def read_meta(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / META_FILE
+    """meta.json of a run folder, checked: its types, and that the files it lists are the ones present."""
+    run_dir = Path(run_dir)
+    path = run_dir / META_FILE
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"{str(run_dir)!r} is not a run folder: it has no {META_FILE}") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON: {exc}") from None
+        raise UserError(describe_missing_meta(run_dir)) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); the run folder is damaged: restore it or rebuild it "
+                        "with --overwrite") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    check_meta_types(meta, path)
+    check_files(run_dir, meta)
+    return meta
 
 
 def read_trigger_state(run_dir: str | Path) -> dict[str, torch.Tensor]:
     path = Path(run_dir) / TRIGGER_FILE
-    return load_file(str(path)) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001  (safetensors raises its own error types)
+        raise UserError(f"cannot read {path} as safetensors ({exc}); the run folder is damaged: restore it or "
+                        "rebuild it with --overwrite") from None
 
 
 def read_state_dict(path: str | Path, *, unsafe_load: bool = False) -> dict[str, torch.Tensor]:
@@ -80,6 +96,13 @@ def read_state_dict(path: str | Path, *, unsafe_load: bool = False) -> dict[str,
             raise UserError(f"cannot read {path} as safetensors: {exc}") from None
     if path.suffix not in PICKLE_SUFFIXES:
         raise UserError(f"unknown model file type {path.suffix!r}; use .safetensors or one of {', '.join(PICKLE_SUFFIXES)}")
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    # torch.save writes a zip archive (or, before torch 1.6, a protocol-2 pickle); anything else is damaged
+    # and would otherwise be reported as needing --unsafe-load.
+    if head != b"PK" and head[:1] != b"\x80":
+        raise UserError(f"cannot read checkpoint {path}: it is neither a PyTorch zip archive nor a pickle "
+                        "(damaged, or another format)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not unsafe_load)
     except pickle.UnpicklingError as exc:
@@ -157,6 +180,10 @@ def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | 
     if not arch:
         raise UserError(f"{path} is a bare checkpoint: say which architecture it is with --arch")
     state = read_state_dict(weights, unsafe_load=unsafe_load)
+    broken = nonfinite_summary(state)
+    if broken:
+        raise NonFiniteModel(f"{weights} holds non-finite weights ({broken}): the model is broken (e.g. its training "
+                             "diverged) and cannot be evaluated, searched or purified")
     hint_channels, hint_classes = arch_shape_hints(arch, state)
     num_classes = num_classes or meta.get("num_classes") or hint_classes or infer_num_classes(state) or 10
     if input_shape is None:

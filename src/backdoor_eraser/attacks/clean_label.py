@@ -27,14 +27,16 @@ class CleanLabelConfig(PoisonConfig):
     ``surrogate_epochs``), ``standard`` (plain training; faster, not faithful), ``none`` (no
     perturbation: the NAD in-repo ``cleanLabel``, not faithful) or a path to a run folder/checkpoint.
     Poisoning PGD: ℓ∞ ``epsilon`` = 16/255, ``step_size`` = 2/255, ``steps`` = 100, no random start.
-    ε and steps are in grey levels (/255). Trigger: ``corners`` ``bottom-right`` or ``four-corners``;
-    ``amplitude`` None overwrites the grid with 0/255, an integer a in 1..255 adds ±a instead.
+    ε and steps are in grey levels (/255). Trigger: ``corners`` ``four-corners`` (default: the grid
+    mirrored into each corner, Turner et al.'s answer to flips, and the ANP recipe) or ``bottom-right``
+    (the spec's one corner: it failed under crop + flip, 0.4 % ASR in zoo/fragile); ``amplitude`` None
+    overwrites the grid with 0/255, an integer a in 1..255 adds ±a instead.
     """
 
     target: int = 0
     rate: float = 0.8
     label_mode: str = "clean"
-    corners: str = "bottom-right"
+    corners: str = "four-corners"
     amplitude: int | None = None
     surrogate: str = "adversarial"
     surrogate_arch: str = "wrn-16-1"
@@ -183,7 +185,7 @@ class CleanLabel(Attack):
 
     def _get_surrogate(self, train: ImageDataset, seed: int, device) -> Classifier:
         from ..runs import load_model, new_model
-        from ..training import TrainConfig, Trainer
+        from ..training import Task, TrainConfig, Trainer
 
         cfg = self.config
         if cfg.surrogate not in BUILT_IN_SURROGATES:
@@ -192,12 +194,13 @@ class CleanLabel(Attack):
             return model
         model = new_model(cfg.surrogate_arch, train.classes, train.shape, Normalization(), device, seed)
         recipe = TrainConfig(epochs=cfg.surrogate_epochs, batch_size=cfg.surrogate_batch_size, lr=cfg.surrogate_lr,
-                             nesterov=False, weight_decay=5e-4, schedule="cosine", seed=seed)
+                             nesterov=False, weight_decay=5e-4, schedule="cosine", seed=seed,
+                             amp="none")  # fp32: the PGD inside adversarial training needs input gradients
         objective = None
         if cfg.surrogate == "adversarial":
             objective = AdversarialTraining(model, cfg.surrogate_epsilon / 255, cfg.surrogate_step / 255,
                                             cfg.surrogate_steps)
-        Trainer(recipe, desc=f"clean-label {cfg.surrogate} surrogate").fit(model, train, objective=objective)
+        Trainer(recipe, desc=f"clean-label {cfg.surrogate} surrogate").fit(model, train, task=Task(objective))
         return model
 
     def perturb(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

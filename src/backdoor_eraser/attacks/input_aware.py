@@ -2,18 +2,17 @@
 trigger for every image, trained jointly with the classifier (spec §4.9)."""
 from __future__ import annotations
 
-import sys
-import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..classifier import Classifier
 from ..data.dataset import ImageDataset
 from ..errors import UserError
+from ..training import Callback, Task, Trainer, TrainConfig
 from .base import Attack, PoisonConfig, PoisonedDataset
 from .clean_label import to_unit
 
@@ -26,8 +25,9 @@ class InputAwareConfig(PoisonConfig):
     label, and the next ``cross_rate`` (p_cross) get another image's trigger with their true label.
     Loss weights ``lambda_div`` and ``lambda_norm``; the mask net is pre-trained for ``mask_epochs``
     (Adam ``mask_lr``, betas (0.5, 0.9), batch ``mask_batch_size``, lr ×0.1 at ``mask_milestones``)
-    towards mask density ``mask_density``. Networks: ``width`` channels after the first block,
-    ``depth`` down/up-sampling steps (VinAI: 32/3 for CIFAR, 16/2 for MNIST)."""
+    towards mask density ``mask_density``, in the trainer's precision ``amp``. Networks: ``width``
+    channels after the first block, ``depth`` down/up-sampling steps (VinAI: 32/3 for CIFAR, 16/2 for
+    MNIST)."""
 
     target: int = 0
     rate: float = 0.1
@@ -42,6 +42,7 @@ class InputAwareConfig(PoisonConfig):
     mask_milestones: tuple[int, ...] = (10, 20)
     width: int = 32
     depth: int = 3
+    amp: str = "auto"
 
 
 # -- networks ----------------------------------------------------------------------------------------
@@ -87,6 +88,37 @@ def diversity_loss(x1: torch.Tensor, x2: torch.Tensor, out1: torch.Tensor, out2:
     """mean(‖x1 − x2‖ / (‖out1 − out2‖ + ε)) with RMS distances: small when different inputs get
     different patterns (or masks)."""
     return (rms_distance(x1, x2) / (rms_distance(out1, out2) + EPSILON)).mean()
+
+
+class MaskPretraining(Task, Callback):
+    """Stage 1 (see :class:`InputAware`) with M's own Adam, and its lr schedule after each epoch: x1 is
+    the loop's batch, x2 the same positions of a permutation drawn right after the loop's own (the
+    release's two shuffled loaders). train_acc compares mask pixels with labels: it means nothing here."""
+
+    def __init__(self, attack: "InputAware", images: torch.Tensor, adam: torch.optim.Optimizer):
+        super().__init__(optimizers=[adam])
+        self.attack, self.cfg, self.images, self.adam = attack, attack.config, images, adam
+        self.queue = torch.zeros(0, dtype=torch.int64)
+
+    def before_augment(self, x, y, generator):
+        if not len(self.queue):  # an epoch's first batch (the last epoch used up the permutation)
+            self.queue = torch.randperm(len(self.images), generator=generator)
+        self.partners, self.queue = self.images[self.queue[:len(x)]], self.queue[len(x):]
+        return x, y
+
+    def forward(self, classifier, inputs):
+        self.x2 = classifier.prepare(self.partners)
+        self.m1, self.m2 = self.attack.masks(inputs), self.attack.masks(self.x2)
+        return self.m1.flatten(1)
+
+    def loss(self, logits, inputs, labels):
+        div = diversity_loss(inputs, self.x2, self.m1, self.m2)
+        loss = self.cfg.lambda_norm * F.relu(self.m1 - self.cfg.mask_density).mean() + self.cfg.lambda_div * div
+        return loss, {"density": self.m1.detach().mean(), "div": div.detach()}
+
+    def on_epoch_end(self, loop, record):
+        for group in self.adam.param_groups:  # MultiStepLR's chained products, bit for bit
+            group["lr"] *= 0.1 ** self.cfg.mask_milestones.count(loop.epoch)
 
 
 class InputAwareObjective:
@@ -196,33 +228,23 @@ class InputAware(Attack):
         """Near-binary masks N×1×H×W in [0, 1] for images x in [0, 1]."""
         return squash_mask(self.mask_net(x))
 
-    def fit_trigger(self, train: ImageDataset, *, seed: int = 0, device="cpu") -> None:
-        """Build G and M, then pre-train M alone (stage 1 of the release)."""
+    def fit_trigger(self, train: ImageDataset, *, seed: int = 0, device="cpu", run_dir: str | Path | None = None,
+                    resume: bool = False, quiet: bool = False) -> None:
+        """Build G and M, then pre-train M alone (stage 1 of the release) in the trainer, with a
+        checkpoint per epoch under ``run_dir``."""
         self._check_target(train.num_classes)
         cfg = self.config
         self.build(train.shape, seed, device)
-        self.mask_net.train()
-        opt = torch.optim.Adam(self.mask_net.parameters(), lr=cfg.mask_lr, betas=(0.5, 0.9))
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.mask_milestones), 0.1)
-        g = torch.Generator().manual_seed(seed)
-        n, bs = len(train), cfg.mask_batch_size
-        for epoch in range(cfg.mask_epochs):
-            t0, loss_sum = time.perf_counter(), 0.0
-            order1, order2 = torch.randperm(n, generator=g), torch.randperm(n, generator=g)
-            for i in range(0, n, bs):
-                x1 = train.images[order1[i:i + bs]].to(device).float() / 255
-                x2 = train.images[order2[i:i + bs]].to(device).float() / 255
-                m1, m2 = self.masks(x1), self.masks(x2)
-                loss = cfg.lambda_norm * F.relu(m1 - cfg.mask_density).mean() + \
-                    cfg.lambda_div * diversity_loss(x1, x2, m1, m2)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += loss.item() * len(x1)
-            sched.step()
-            # Pre-training takes minutes on a CPU: say where it is.
-            tqdm.write(f"input-aware mask pre-training epoch {epoch + 1}/{cfg.mask_epochs}: loss={loss_sum / n:.4f} "
-                       f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+        # MultiStepLR applies a milestone 0 at once; the trainer's schedule only labels the records.
+        adam = torch.optim.Adam(self.mask_net.parameters(), lr=cfg.mask_lr * 0.1 ** cfg.mask_milestones.count(0),
+                                betas=(0.5, 0.9))
+        train_cfg = TrainConfig(epochs=cfg.mask_epochs, batch_size=cfg.mask_batch_size, lr=cfg.mask_lr, momentum=0.0,
+                                nesterov=False, weight_decay=0.0, schedule="multistep", milestones=cfg.mask_milestones,
+                                augment="none", seed=seed, amp=cfg.amp)
+        task = MaskPretraining(self, train.images, adam)
+        Trainer(train_cfg, desc="input-aware masks", quiet=quiet).fit(
+            Classifier(self.mask_net, "input-aware-mask", train.classes, input_shape=train.shape), train,
+            task=task, callbacks=[task], run_dir=run_dir, resume=resume)
         self.mask_net.eval().requires_grad_(False)
 
     # -- joint training --------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from ..classifier import Classifier
 from ..data.dataset import ImageDataset
 from ..errors import UserError
 from ..models.taps import resolve_module
+from ..training import Task, Trainer, TrainConfig
 from .base import Attack, PoisonConfig
 
 OPTIMIZERS = ("adam", "sign")
@@ -27,8 +28,8 @@ class TrojanNNConfig(PoisonConfig):
     :class:`TrojanNN`). Mask: a ``size``×``size`` square at the bottom-right, or ``mask_image``
     (an image file resized to the images and thresholded at 0.5). Optimisation: ``steps`` of
     ``optimizer`` ``adam`` or ``sign`` (signed gradient) with ``lr`` in [0, 1] pixel units, on
-    ``batch_size`` training images (``background`` ``data``) or a black canvas (``zeros``).
-    Poisoned-label all2one 10 %, target 0."""
+    ``batch_size`` training images (``background`` ``data``) or a black canvas (``zeros``), in the
+    trainer's precision ``amp``. Poisoned-label all2one 10 %, target 0."""
 
     target: int = 0
     rate: float = 0.1
@@ -44,6 +45,7 @@ class TrojanNNConfig(PoisonConfig):
     lr: float = 0.01
     background: str = "data"
     batch_size: int = 64
+    amp: str = "auto"
 
 
 class LayerOutput:
@@ -183,8 +185,10 @@ class TrojanNN(Attack):
         model, _ = load_model(path, arch=None if path.is_dir() else self.config.arch, device=device)
         return model
 
-    def fit_trigger(self, train: ImageDataset, *, seed: int = 0, device="cpu") -> None:
-        """Choose the neurons and optimise the patch inside the mask to excite them."""
+    def fit_trigger(self, train: ImageDataset, *, seed: int = 0, device="cpu", run_dir: str | Path | None = None,
+                    resume: bool = False) -> None:
+        """Choose the neurons and optimise the patch inside the mask to excite them: ``steps`` trainer
+        epochs of one step on the whole canvas, with a checkpoint after each under ``run_dir``."""
         cfg = self.config
         model = self.load_source_model(device)
         layer = cfg.layer or (model.sites[-1] if model.sites else None)
@@ -195,33 +199,40 @@ class TrojanNN(Attack):
         g = torch.Generator().manual_seed(seed)
         if cfg.background == "data":
             pick = torch.randperm(len(train), generator=g)[:cfg.batch_size]
-            canvas = train.images[pick].float().div_(255)
+            canvas = ImageDataset(train.images[pick], train.labels[pick], train.classes)
         else:
-            canvas = torch.zeros(1, c, h, w)
-        canvas, m = canvas.to(model.device), mask.to(model.device)
-        patch = torch.rand(c, h, w, generator=g).to(model.device)
-
-        net = model.net
-        was_training = net.training
-        net.eval()
-        tap = LayerOutput(net, layer)
+            canvas = ImageDataset(torch.zeros(1, c, h, w, dtype=torch.uint8), torch.zeros(1), train.classes)
+        m, background = mask.to(model.device), canvas.images.to(model.device).float().div_(255)
+        patch = nn.ParameterDict({"patch": nn.Parameter(torch.rand(c, h, w, generator=g).to(model.device))})
+        p = patch["patch"]
+        model.net.eval().requires_grad_(False)
+        tap = LayerOutput(model.net, layer)
         try:
             def activation(p: torch.Tensor) -> torch.Tensor:
                 """B×C unit activations of ``layer`` on the canvas with patch ``p`` pasted."""
-                net(model.prepare(torch.where(m, p, canvas)))
+                model.net(model.prepare(torch.where(m, p, background)))
                 return unit_activation(tap.value)
 
             with torch.no_grad():
-                start = activation(patch)
-            neurons, rule = self.choose_neurons(net, layer, start)
+                start = activation(p)
+            neurons, rule = self.choose_neurons(model.net, layer, start)
             initial = start[:, neurons].mean().item()
-            patch = self.optimise(patch, lambda p: activation(p)[:, neurons].mean())
-            self.patch = (patch * 255).round_().to(torch.uint8).cpu() * mask
+            adam = torch.optim.Adam([p], lr=cfg.lr) if cfg.optimizer == "adam" else None
+            if adam is None:
+                p.register_hook(torch.sign)  # the loop's SGD on the gradient's sign: signed gradient ascent
+            # The loop only counts the steps: every step is the whole canvas, which activation() holds.
+            task = Task(lambda act, inputs, labels: (-act[:, neurons].mean(), {}), forward=lambda clf, x: activation(p),
+                        after_step=lambda: p.detach().clamp_(0, 1), optimizers=[adam] if adam else [])
+            train_cfg = TrainConfig(epochs=cfg.steps, batch_size=len(canvas), lr=cfg.lr, momentum=0.0, nesterov=False,
+                                    weight_decay=0.0, augment="none", shuffle=False, seed=seed, amp=cfg.amp)
+            Trainer(train_cfg, desc="trojannn patch", quiet=True).fit(
+                Classifier(patch, "trojannn-patch", train.classes, input_shape=train.shape), canvas, task=task,
+                run_dir=run_dir, resume=resume)
+            self.patch = (p.detach() * 255).round_().to(torch.uint8).cpu() * mask
             with torch.no_grad():
                 final = activation(self.patch.to(model.device).float() / 255)[:, neurons].mean().item()
         finally:
             tap.remove()
-            net.train(was_training)
         self.mask = mask
         self.info = {"layer": layer, "neurons": neurons, "neuron_rule": rule,
                      "activation": {"initial": initial, "final": final}}
@@ -239,20 +250,3 @@ class TrojanNN(Attack):
             strength, nxt = found
             return strength.topk(k).indices.tolist(), f"outgoing-weights:{nxt}"
         return activations.mean(0).topk(k).indices.tolist(), "most-active"
-
-    def optimise(self, patch: torch.Tensor, objective) -> torch.Tensor:
-        """Gradient ascent on ``objective(patch)``, projected to [0, 1] after each step."""
-        cfg = self.config
-        p = patch.clone().requires_grad_(True)
-        adam = torch.optim.Adam([p], lr=cfg.lr) if cfg.optimizer == "adam" else None
-        for _ in range(cfg.steps):
-            loss = -objective(p)
-            grad, = torch.autograd.grad(loss, p)
-            with torch.no_grad():
-                if adam is None:
-                    p -= cfg.lr * grad.sign()
-                else:
-                    p.grad = grad
-                    adam.step()
-                p.clamp_(0, 1)
-        return p.detach()

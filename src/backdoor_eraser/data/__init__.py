@@ -22,7 +22,15 @@ def load_dataset(name: str, data_dir: str | Path | None = None, **options) -> Da
     needs_dir = getattr(loader, "needs_data_dir", True)
     if needs_dir and data_dir is None:
         raise UserError(f"dataset {name!r} needs --data-dir")
-    return loader(data_dir, **options)
+    splits = loader(data_dir, **options)
+    where = f"dataset {name!r}" + (f" in {data_dir}" if data_dir is not None else "")
+    if splits.train.num_classes < 2:
+        raise UserError(f"{where} has {splits.train.num_classes} class ({', '.join(splits.train.classes)}); "
+                        "a classifier needs at least 2 classes")
+    for part in ("train", "test"):
+        if len(getattr(splits, part)) == 0:
+            raise UserError(f"{where} has no {part} images")
+    return splits
 
 
 # Importing the modules registers their loaders.

@@ -38,3 +38,75 @@ class CropFlip:
 
     def __repr__(self) -> str:
         return f"CropFlip(padding={self.padding}, flip={self.flip})"
+
+
+def cutout(x: torch.Tensor, holes: int = 1, length: int = 3, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Zero ``holes`` squares per image, as DeVries & Taylor's Cutout in the NAD/ARGD/ABL releases
+    (spec §1.3): a centre (cy, cx) uniform over the image, rows ``clip(cy - length // 2, cy + length // 2)``
+    and the same for columns, half-open, so ``length=3`` zeroes a 2×2 square, less where it is clipped
+    at the border. The releases apply it after ``ToTensor`` on unnormalised [0, 1] images, so the hole
+    is black; here it is pixel value 0 on the uint8 image, the same thing for those models."""
+    if holes <= 0 or length <= 0:
+        return x
+    n, _, h, w = x.shape
+    half = length // 2
+    keep = torch.ones(n, h, w, dtype=torch.bool, device=x.device)
+    rows = torch.arange(h, device=x.device)[None, :, None]
+    cols = torch.arange(w, device=x.device)[None, None, :]
+    for _ in range(holes):
+        cy = torch.randint(0, h, (n,), generator=generator, device="cpu").to(x.device)[:, None, None]
+        cx = torch.randint(0, w, (n,), generator=generator, device="cpu").to(x.device)[:, None, None]
+        hole = (rows >= cy - half) & (rows < cy + half) & (cols >= cx - half) & (cols < cx + half)
+        keep &= ~hole
+    return x * keep[:, None].to(x.dtype)
+
+
+AUGMENT_OPS = ("crop", "flip", "cutout")
+# Names kept from before augmentation became a list of steps.
+AUGMENT_ALIASES = {"crop-flip": "crop+flip", "none": ""}
+
+
+def parse_augment(spec: str) -> tuple[str, ...]:
+    """``"crop+flip+cutout"`` → ``("crop", "flip", "cutout")``; ``"crop-flip"`` and ``"none"`` are aliases.
+    Steps always run in the releases' order (crop, flip, Cutout) whatever order they are written in."""
+    text = AUGMENT_ALIASES.get(spec.strip(), spec.strip())
+    steps = [s.strip() for s in text.split("+") if s.strip()]
+    bad = [s for s in steps if s not in AUGMENT_OPS]
+    if bad:
+        raise ValueError(f"unknown augmentation step {bad[0]!r}; steps: {', '.join(AUGMENT_OPS)} joined with '+' "
+                         f"(e.g. crop+flip+cutout), or {', '.join(AUGMENT_ALIASES)}")
+    if len(set(steps)) != len(steps):
+        raise ValueError(f"augmentation {spec!r} repeats a step")
+    return tuple(s for s in AUGMENT_OPS if s in steps)
+
+
+class Augment:
+    """The configured steps, applied to a uint8 batch with one generator (so a seed fixes them all)."""
+
+    def __init__(self, steps: tuple[str, ...], *, crop_padding: int = 4, cutout_holes: int = 1,
+                 cutout_length: int = 3):
+        self.steps = tuple(steps)
+        self.crop_padding, self.cutout_holes, self.cutout_length = crop_padding, cutout_holes, cutout_length
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if "crop" in self.steps:
+            x = random_crop(x, self.crop_padding, generator)
+        if "flip" in self.steps:
+            x = random_flip(x, generator)
+        if "cutout" in self.steps:
+            x = cutout(x, self.cutout_holes, self.cutout_length, generator)
+        return x
+
+    def __repr__(self) -> str:
+        return (f"Augment({'+'.join(self.steps) or 'none'}, crop_padding={self.crop_padding}, "
+                f"cutout={self.cutout_holes}x{self.cutout_length})")
+
+
+def make_augment(config) -> Augment | None:
+    """The augmentation of a config with ``augment``, ``crop_padding``, ``cutout_holes`` and
+    ``cutout_length`` fields (a TrainConfig or a defense config); None when it has no steps."""
+    steps = parse_augment(config.augment)
+    if not steps:
+        return None
+    return Augment(steps, crop_padding=getattr(config, "crop_padding", 4),
+                   cutout_holes=getattr(config, "cutout_holes", 1), cutout_length=getattr(config, "cutout_length", 3))

@@ -36,28 +36,33 @@ def resolve_cache_dir(cache_dir: str | Path | bool | None = None) -> Path | None
     return Path(cache_dir).expanduser()
 
 
-def tree_fingerprint(path: str | Path) -> tuple[int, int]:
-    """(number of files, newest mtime in ns) under ``path``: changes when files are added, removed or rewritten."""
-    count, newest = 0, 0
-    stack = [Path(path)]
+def tree_fingerprint(path: str | Path) -> str:
+    """A digest of every file under ``path``: its relative path, size, mtime, ctime and inode.
+
+    The newest mtime alone misses a file replaced by one with an older mtime (``cp -p``, ``tar x``,
+    ``rsync -t``); a replaced file has a new inode or ctime, and ctime cannot be set back by the user.
+    """
+    root = Path(path)
+    rows = []
+    stack = [root]
     while stack:
         with os.scandir(stack.pop()) as entries:
             for entry in entries:
-                st = entry.stat(follow_symlinks=True)
-                newest = max(newest, st.st_mtime_ns)
                 if entry.is_dir(follow_symlinks=True):
                     stack.append(Path(entry.path))
-                else:
-                    count += 1
-    return count, newest
+                    continue
+                st = entry.stat(follow_symlinks=True)
+                rows.append(f"{os.path.relpath(entry.path, root)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+                            f"\0{st.st_dev}\0{st.st_ino}")
+    rows.sort()
+    return hashlib.sha256("\n".join(rows).encode(errors="surrogateescape")).hexdigest()
 
 
 def cache_key(loader: str, path: str | Path, options: dict) -> str:
     """A hex digest of the loader name, the resolved source path, the options and the source's fingerprint."""
     resolved = Path(path).resolve()
-    count, newest = tree_fingerprint(resolved)
     blob = json.dumps({"v": CACHE_VERSION, "loader": loader, "path": str(resolved),
-                       "options": options, "files": count, "mtime_ns": newest},
+                       "options": options, "files": tree_fingerprint(resolved)},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -14,14 +14,15 @@ import torch
 import torch.nn.functional as F
 
 from ..classifier import Classifier, Normalization
+from ..data.augment import parse_augment
 from ..data.dataset import ImageDataset
 from ..errors import UserError
 from ..runs import new_model
-from ..training import Trainer, TrainConfig
-from .base import Defense, PurifyResult
+from ..training import Task, Trainer, TrainConfig, eval_columns
+from .base import Defense, PurifyResult, Stage
 
 OBJECTIVES = ("lga", "lga-batch", "flooding")
-AUGMENTS = ("crop-flip", "none")
+
 
 
 @dataclass
@@ -68,8 +69,8 @@ class ABLConfig:
     unlearning_batch_size: int = 64
     unlearning_augment: str = "none"
     seed: int = 0
-    # Speed only (see TrainConfig): "bf16" autocast and channels-last for every training stage.
-    amp: str = "none"
+    # Speed only (see TrainConfig): autocast ("auto": bf16 where native) and channels-last for every stage.
+    amp: str = "auto"
     channels_last: bool = False
 
     def check(self):
@@ -80,8 +81,10 @@ class ABLConfig:
         if min(self.isolation_epochs, self.finetune_epochs, self.unlearning_epochs) < 0:
             raise UserError("ABL stage epochs must be ≥ 0")
         for name in ("isolation_augment", "finetune_augment", "unlearning_augment"):
-            if getattr(self, name) not in AUGMENTS:
-                raise UserError(f"{name} must be one of {', '.join(AUGMENTS)}, got {getattr(self, name)!r}")
+            try:
+                parse_augment(getattr(self, name))
+            except ValueError as exc:
+                raise UserError(f"{name}: {exc}") from None
         self._train(epochs=1).check()
 
     def _train(self, **kw) -> TrainConfig:
@@ -195,6 +198,8 @@ class ABL(Defense):
     """
 
     name = "abl"
+    stages = (Stage("isolation", "isolation_epochs", "isolation"), Stage("retrain", "finetune_epochs", "retrain"),
+              Stage("unlearn", "unlearning_epochs", "unlearn"))
     needs_poisoned_training_set = True
 
     def __init__(self, config: ABLConfig | None = None):
@@ -218,7 +223,7 @@ class ABL(Defense):
         model = new_model(arch, list(classes), tuple(input_shape), normalization or Normalization(), device, cfg.seed)
 
         iso = Trainer(cfg.isolation_train(), desc=f"abl isolation ({cfg.objective})", quiet=quiet).fit(
-            model, poisoned, objective=IsolationObjective(cfg.objective, cfg.gamma), eval_fn=eval_fn,
+            model, poisoned, task=Task(IsolationObjective(cfg.objective, cfg.gamma)), callbacks=eval_columns(eval_fn),
             run_dir=sub("isolation"), resume=resume)
         isolation_model = model.copy()
 
@@ -229,11 +234,12 @@ class ABL(Defense):
         select_seconds = time.perf_counter() - t0
 
         ret = Trainer(cfg.finetune_train(), desc="abl retrain", quiet=quiet).fit(
-            model, others, eval_fn=eval_fn, run_dir=sub("retrain"), resume=resume)
+            model, others, callbacks=eval_columns(eval_fn), run_dir=sub("retrain"), resume=resume)
         retrained = model.copy()
 
         unl = Trainer(cfg.unlearning_train(), desc="abl unlearning", quiet=quiet).fit(
-            model, isolated, objective=ascent_objective, eval_fn=eval_fn, run_dir=sub("unlearn"), resume=resume)
+            model, isolated, task=Task(ascent_objective), callbacks=eval_columns(eval_fn), run_dir=sub("unlearn"),
+            resume=resume)
 
         info = {"objective": cfg.objective, "gamma": cfg.gamma, "isolation_ratio": cfg.isolation_ratio,
                 "isolated_count": len(low), "isolated_indices": poisoned.index[low].tolist(),

@@ -13,9 +13,9 @@ from torch import nn
 
 from ..classifier import Classifier
 from ..errors import UserError
-from ..training import Trainer
+from ..training import Task, Trainer, eval_columns
 from .attention import ATTENTION_FUNCTIONS, DISTANCES, EPS, attention_map, normalize_map
-from .base import Defense, OptimConfig, PurifyResult
+from .base import NAD_OPTIMISER, Defense, DefenseTrainConfig, PurifyResult, Stage
 from .nad import AttentionDistillation, check_teacher, freeze, make_teacher
 
 RELEASE_NODE_BETA = (2000.0, 5000.0, 2000.0)
@@ -23,7 +23,7 @@ RELEASE_MILESTONES = (3, 6)
 
 
 @dataclass
-class ARGDConfig(OptimConfig):
+class ARGDConfig(DefenseTrainConfig):
     """Loss = CE + Σ_k node_beta_k·node_k + edge_weight·L_E + embed_weight·L_Em (ARGD paper §3.3–3.4).
 
     Node weights: the paper weighs the k nodes equally (L_N = (1/k)·Σ‖·‖₂) on a per-sample L2 scale
@@ -58,6 +58,7 @@ class ARGDConfig(OptimConfig):
     teacher_sites: tuple[str, ...] | None = None
 
     def check(self):
+        super().check()
         check_teacher(self.teacher)
         if self.node_distance not in DISTANCES:
             raise UserError(f"ARGD node_distance must be one of {', '.join(DISTANCES)}, got {self.node_distance!r}")
@@ -163,7 +164,7 @@ class RelationEmbedding(nn.Module):
 class AttentionGraphDistillation:
     """CE + node (NAD's weighted attention distances) + edge + embedding losses; the teacher is detached.
 
-    ``embedding.parameters()`` must be optimised with the student (``Trainer.fit(extra_params=...)``)
+    ``embedding.parameters()`` must be optimised with the student (``Task(parameters=...)``)
     unless ``learn_embeddings`` is off, in which case they stay frozen at their seeded random init.
     """
 
@@ -216,6 +217,15 @@ class ARGD(Defense):
     """
 
     name = "argd"
+    stages = (Stage("teacher", "teacher_epochs", "teacher"), Stage("student", "epochs"))
+    # The paper: lr 0.1, batch 64, 10 epochs, momentum 0.9, the NAD preprocessing (spec §5.5); it gives no
+    # schedule, so both presets take the release's steps at epochs 3 and 6.
+    presets = {
+        "paper": dict(NAD_OPTIMISER, epochs=10, schedule="multistep", milestones=RELEASE_MILESTONES, gamma=0.1,
+                      augment="crop+flip+cutout", release_compat=False, teacher_epochs=10),
+        "release": dict(NAD_OPTIMISER, epochs=10, schedule="multistep", milestones=RELEASE_MILESTONES, gamma=0.1,
+                        augment="crop+flip+cutout", release_compat=True, teacher_epochs=10),
+    }
 
     def __init__(self, config: ARGDConfig):
         config.check()
@@ -251,8 +261,8 @@ class ARGD(Defense):
             sites=cfg.sites, teacher_sites=cfg.teacher_sites, seed=cfg.seed)
         try:
             res = Trainer(train, desc="argd student", quiet=quiet).fit(
-                student, clean, objective=objective, extra_params=objective.trainable_parameters(),
-                eval_fn=eval_fn, run_dir=run_dir, resume=resume)
+                student, clean, task=Task(objective, parameters=objective.trainable_parameters()),
+                callbacks=eval_columns(eval_fn), run_dir=run_dir, resume=resume)
         finally:
             objective.remove()
         info.update(epochs=res.epochs, steps=res.steps, seconds=res.seconds, sites=objective.sites,

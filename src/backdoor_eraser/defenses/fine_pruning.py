@@ -14,12 +14,12 @@ from ..data.subset import select_clean_subset
 from ..errors import UserError
 from ..metrics import accuracy
 from ..models.taps import resolve_module
-from ..training import Trainer
-from .base import Defense, OptimConfig, PurifyResult
+from ..training import Trainer, eval_columns
+from .base import Defense, DefenseTrainConfig, PurifyResult, Stage
 
 
 @dataclass
-class FinePruningConfig(OptimConfig):
+class FinePruningConfig(DefenseTrainConfig):
     """Prune the channels entering the classifier head (``layer=None``) in ascending order of mean
     clean activation until accuracy on a held-out ``val_fraction`` (10 %) of the clean subset falls by
     more than ``max_acc_drop`` (0.05, absolute), then fine-tune with the inherited FT recipe (spec §5.1:
@@ -31,6 +31,7 @@ class FinePruningConfig(OptimConfig):
     val_fraction: float = 0.1
 
     def check(self):
+        super().check()
         if not 0 <= self.max_acc_drop <= 1:
             raise UserError(f"max_acc_drop must be in [0, 1], got {self.max_acc_drop}")
         if not 0 < self.val_fraction < 1:
@@ -122,6 +123,7 @@ class FinePruning(Defense):
     """
 
     name = "fine-pruning"
+    stages = (Stage("fine-tune", "epochs"),)
 
     def __init__(self, config: FinePruningConfig):
         config.check()
@@ -164,7 +166,8 @@ class FinePruning(Defense):
         handles = pruner.freeze(pruned.net, channels)
         try:
             res = Trainer(self.config.train_config(), desc="fine-pruning", quiet=quiet).fit(
-                pruned, clean, eval_fn=eval_fn, run_dir=Path(run_dir) if run_dir else None, resume=resume)
+                pruned, clean, callbacks=eval_columns(eval_fn), run_dir=Path(run_dir) if run_dir else None,
+                resume=resume)
         finally:
             for h in handles:
                 h.remove()

@@ -4,12 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..training import Trainer
-from .base import Defense, OptimConfig, PurifyResult
+from ..training import Trainer, eval_columns
+from .base import NAD_PAPER_SCHEDULE, NAD_RELEASE_SCHEDULE, Defense, DefenseTrainConfig, PurifyResult, Stage
 
 
 @dataclass
-class FinetuneConfig(OptimConfig):
+class FinetuneConfig(DefenseTrainConfig):
     """NAD's optimiser with β = 0, 10 epochs to match the NAD student budget (spec §5.1 decision)."""
 
 
@@ -17,14 +17,18 @@ class Finetune(Defense):
     """Fine-tuning on the defender's clean subset.
 
     The baseline of every source paper; NAD's "finetuning is main.py with all β = 0" (NAD issues
-    #2/#3) and its teacher (spec §5.1). Same optimiser and augmentation as NAD.
+    #2/#3) and its teacher (spec §5.1). Same optimiser and augmentation as NAD; the presets are NAD's
+    schedules with β = 0.
     """
 
     name = "finetune"
+    stages = (Stage("finetune", "epochs"),)
+    presets = {"paper": dict(NAD_PAPER_SCHEDULE), "release": dict(NAD_RELEASE_SCHEDULE)}
 
     def purify(self, model, clean, *, run_dir=None, resume=False, eval_fn=None, quiet=False) -> PurifyResult:
         student = model.copy()
         trainer = Trainer(self.config.train_config(), desc="finetune", quiet=quiet)
-        res = trainer.fit(student, clean, eval_fn=eval_fn, run_dir=Path(run_dir) if run_dir else None, resume=resume)
+        res = trainer.fit(student, clean, callbacks=eval_columns(eval_fn), run_dir=Path(run_dir) if run_dir else None,
+                          resume=resume)
         return PurifyResult(student, res.history,
                             {"epochs": res.epochs, "steps": res.steps, "seconds": res.seconds})

@@ -1,31 +1,25 @@
 """MCR: mode connectivity repair (Zhao et al., ICLR 2020), spec §5.3."""
 from __future__ import annotations
 
-import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
 from ..classifier import Classifier
-from ..data.augment import CropFlip
 from ..data.dataset import ImageDataset
 from ..errors import UserError
-from ..training import Trainer
-from .base import Defense, OptimConfig, PurifyResult
+from ..training import Schedule, Task, Trainer
+from .base import Defense, DefenseTrainConfig, PurifyResult, Stage
 
-CURVE_CHECKPOINT = "curve.pt"
 T_SWEEP = tuple(round(0.1 * i, 1) for i in range(11))
 
 
 @dataclass
-class MCRConfig(OptimConfig):
+class MCRConfig(DefenseTrainConfig):
     """The inherited optimiser fields are the FT recipe (spec §5.1) that makes the endpoint w1 from the
     backdoored model w0; ``epochs`` (10) is that fine-tuning's length. The ``curve_*`` fields are the
     IBM defaults for training the bend θ (spec §5.3): SGD lr 0.01, momentum 0.9, weight decay 1e-4,
@@ -40,6 +34,7 @@ class MCRConfig(OptimConfig):
     t: float = 0.3
 
     def check(self):
+        super().check()
         if not 0 <= self.t <= 1:
             raise UserError(f"MCR curve point t must be in [0, 1], got {self.t}")
         if self.curve_epochs < 0 or self.curve_batch_size < 1 or self.curve_lr < 0:
@@ -48,12 +43,26 @@ class MCRConfig(OptimConfig):
 
 def ibm_lr_factor(epoch: int, total: int) -> float:
     """The IBM/Garipov curve schedule: 1 up to 50 % of training, linear to 0.01 at 90 %, then 0.01."""
-    alpha = epoch / max(total, 1)
-    if alpha <= 0.5:
-        return 1.0
-    if alpha <= 0.9:
-        return 1.0 - (alpha - 0.5) / 0.4 * 0.99
-    return 0.01
+    return Schedule("curve").factor(epoch, total)
+
+
+class CurveTask(Task):
+    """One step of curve training: t ~ U[0, 1] per batch (drawn before augmentation, from the loop's
+    generator), the curve point φ_θ(t) evaluated functionally on the frozen scratch network; θ trains."""
+
+    def __init__(self, curve: "BezierCurve"):
+        super().__init__()
+        self.curve, self.t = curve, 0.0
+
+    def parameters(self, classifier):
+        return list(self.curve.theta)
+
+    def before_augment(self, x, y, generator):
+        self.t = float(torch.rand((), generator=generator))
+        return x, y
+
+    def forward(self, classifier, inputs):
+        return functional_call(classifier.net, self.curve.point(self.t), (inputs,))
 
 
 class BezierCurve:
@@ -120,6 +129,7 @@ class MCR(Defense):
     """
 
     name = "mcr"
+    stages = (Stage("endpoint", "epochs", "endpoint"), Stage("curve", "curve_epochs", "curve"))
 
     def __init__(self, config: MCRConfig):
         config.check()
@@ -136,55 +146,19 @@ class MCR(Defense):
         out.net.eval()
         return out
 
+    def curve_train_config(self):
+        cfg = self.config
+        return cfg.train_config(epochs=cfg.curve_epochs, batch_size=cfg.curve_batch_size, lr=cfg.curve_lr,
+                                momentum=cfg.curve_momentum, nesterov=False, weight_decay=cfg.curve_weight_decay,
+                                schedule="curve", milestones=(), drop_last=False, shuffle=True)
+
     def train_curve(self, curve: BezierCurve, template: Classifier, clean: ImageDataset, *,
                     run_dir: Path | None = None, resume: bool = False, quiet: bool = True) -> list[dict]:
-        cfg = self.config
         scratch = template.copy()
         scratch.net.requires_grad_(False)
-        scratch.net.train()
-        opt = torch.optim.SGD(curve.theta, lr=cfg.curve_lr, momentum=cfg.curve_momentum,
-                              weight_decay=cfg.curve_weight_decay)
-        augment = CropFlip(4) if cfg.augment == "crop-flip" else None
-        gen = torch.Generator().manual_seed(cfg.seed)
-        images, labels = clean.images.to(scratch.device), clean.labels.to(scratch.device)
-        history, start = [], 0
-        ckpt = run_dir / CURVE_CHECKPOINT if run_dir else None
-        if resume and ckpt and ckpt.exists():
-            state = torch.load(ckpt, map_location=scratch.device, weights_only=True)
-            with torch.no_grad():
-                for th, v in zip(curve.theta, state["theta"]):
-                    th.copy_(v)
-            opt.load_state_dict(state["optimizer"])
-            gen.set_state(state["generator"])
-            history, start = list(state["history"]), int(state["epoch"]) + 1
-        for epoch in range(start, cfg.curve_epochs):
-            t0, loss_sum, correct = time.perf_counter(), 0.0, 0
-            lr = cfg.curve_lr * ibm_lr_factor(epoch, cfg.curve_epochs)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            for idx in torch.randperm(len(clean), generator=gen).to(images.device).split(cfg.curve_batch_size):
-                x, y = images[idx], labels[idx]
-                t = float(torch.rand((), generator=gen))
-                inputs = scratch.prepare(augment(x, gen) if augment else x)
-                logits = functional_call(scratch.net, curve.point(t), (inputs,))
-                loss = F.cross_entropy(logits, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += loss.item() * len(y)
-                correct += int((logits.argmax(1) == y).sum())
-            history.append({"epoch": epoch + 1, "lr": lr, "loss": loss_sum / len(clean),
-                            "train_acc": correct / len(clean), "seconds": time.perf_counter() - t0})
-            if not quiet:
-                tqdm.write(f"mcr curve epoch {epoch + 1}/{cfg.curve_epochs}: loss={history[-1]['loss']:.4f} "
-                           f"train_acc={history[-1]['train_acc']:.4f} lr={lr:.4g}", file=sys.stderr)
-            if ckpt:
-                ckpt.parent.mkdir(parents=True, exist_ok=True)
-                state = {"theta": [th.detach() for th in curve.theta], "optimizer": opt.state_dict(),
-                         "generator": gen.get_state(), "epoch": epoch, "history": history}
-                torch.save(state, ckpt.with_suffix(".tmp"))
-                os.replace(ckpt.with_suffix(".tmp"), ckpt)  # atomic, like the Trainer's checkpoints
-        return history
+        res = Trainer(self.curve_train_config(), desc="mcr curve", quiet=quiet).fit(
+            scratch, clean, task=CurveTask(curve), run_dir=run_dir, resume=resume)
+        return res.history
 
     def purify(self, model, clean, *, run_dir=None, resume=False, eval_fn=None, quiet=False, endpoint=None
                ) -> PurifyResult:
@@ -198,7 +172,8 @@ class MCR(Defense):
                 endpoint, clean, run_dir=run_dir / "endpoint" if run_dir else None, resume=resume)
             info.update(ft_epochs=res.epochs, ft_steps=res.steps)
         curve = BezierCurve(model.net, endpoint.net)
-        history = self.train_curve(curve, model, clean, run_dir=run_dir, resume=resume, quiet=quiet)
+        history = self.train_curve(curve, model, clean, run_dir=run_dir / "curve" if run_dir else None,
+                                   resume=resume, quiet=quiet)
         purified = self.model_at(curve, model, cfg.t, clean)
         steps = len(history) * -(-len(clean) // cfg.curve_batch_size)
         info.update(epochs=cfg.curve_epochs, steps=steps, total_epochs=cfg.curve_epochs + info.get("ft_epochs", 0),

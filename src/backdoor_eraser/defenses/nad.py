@@ -11,13 +11,13 @@ from ..classifier import Classifier
 from ..errors import UserError
 from ..models.taps import FeatureTaps
 from ..runs import new_model
-from ..training import Trainer, TrainConfig
+from ..training import Task, Trainer, TrainConfig, eval_columns
 from .attention import ATTENTION_FUNCTIONS, DISTANCES, attention_distance, attention_map, normalize_map
-from .base import Defense, OptimConfig, PurifyResult
+from .base import NAD_PAPER_SCHEDULE, NAD_RELEASE_SCHEDULE, Defense, DefenseTrainConfig, PurifyResult, Stage
 
 
 @dataclass
-class NADConfig(OptimConfig):
+class NADConfig(DefenseTrainConfig):
     """Defaults: the release's β = (500, 1000, 1000) with its mean-squared distance (``distance='code'``);
     ``distance='paper'`` uses the paper's per-sample L2 norm. Attention = mean over channels of |a|^p,
     p = 2, flattened and L2-normalised. Teacher: the backdoored model fine-tuned for ``teacher_epochs``
@@ -40,6 +40,7 @@ class NADConfig(OptimConfig):
     teacher_arch: str | None = None
 
     def check(self):
+        super().check()
         check_teacher(self.teacher)
         if self.distance not in DISTANCES:
             raise UserError(f"NAD distance must be one of {', '.join(DISTANCES)}, got {self.distance!r}")
@@ -145,13 +146,19 @@ class NAD(Defense):
     """Neural Attention Distillation: a fine-tuned teacher guides the backdoored student's attention.
 
     Li, Lyu, Koren, Lyu, Li, Ma, "Neural Attention Distillation: Erasing Backdoor Triggers from Deep
-    Neural Networks", ICLR 2021; spec §5.4. Departures from the released code (recorded in meta):
-    lr ÷10 every 2 epochs for 10 epochs as the paper says (the release: 0.1 for 2 epochs, then 0.01 for
-    20); no Cutout; a seeded clean subset (the release's is unseeded). The release's pre-2022 bug that
-    detached the distillation terms is, of course, not reproduced.
+    Neural Networks", ICLR 2021; spec §5.4. Defaults: lr ÷10 every 2 epochs for 10 epochs as the paper
+    says, the release's β and Cutout; a seeded clean subset (the release's is unseeded). Presets:
+    ``paper`` (β = 5000 on every group, spec §5.4 decision) and ``release`` (main.py at HEAD: 20 student
+    epochs, 0.1 → 0.01 at epoch 2, Cutout(1, 3)). The release's pre-2022 bug that detached the
+    distillation terms is, of course, not reproduced.
     """
 
     name = "nad"
+    stages = (Stage("teacher", "teacher_epochs", "teacher"), Stage("student", "epochs"))
+    presets = {
+        "paper": dict(NAD_PAPER_SCHEDULE, beta=(5000.0, 5000.0, 5000.0), distance="code", teacher_epochs=10),
+        "release": dict(NAD_RELEASE_SCHEDULE, beta=(500.0, 1000.0, 1000.0), distance="code", teacher_epochs=10),
+    }
 
     def __init__(self, config: NADConfig):
         config.check()
@@ -175,7 +182,7 @@ class NAD(Defense):
                                           distance=cfg.distance, sites=cfg.sites, teacher_sites=cfg.teacher_sites)
         try:
             res = Trainer(cfg.train_config(), desc="nad student", quiet=quiet).fit(
-                student, clean, objective=objective, eval_fn=eval_fn, run_dir=run_dir, resume=resume)
+                student, clean, task=Task(objective), callbacks=eval_columns(eval_fn), run_dir=run_dir, resume=resume)
         finally:
             objective.remove()
         info.update(epochs=res.epochs, steps=res.steps, seconds=res.seconds, sites=objective.sites,

@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from torch import nn
 
 from ..classifier import Classifier
 from ..data.dataset import ImageDataset
 from ..errors import UserError
 from ..registry import config_to_dict
+from ..training import Callback, Task, Trainer, TrainConfig
 
 # Makes the MAD of a normal distribution estimate its standard deviation (NC's `consistency_constant`).
 MAD_CONSISTENCY = 1.4826
@@ -41,7 +41,7 @@ class NCConfig:
     Detection: a class is flagged when its mask L1 is below the median and its anomaly index
     |L1 − median| / (1.4826·MAD) exceeds ``threshold`` (2). ``mad_epsilon`` floors the scaled MAD so a
     MAD of 0 (more than half the norms equal) gives a large finite index instead of a division by 0.
-    ``targets``: the classes to analyse (default all)."""
+    ``targets``: the classes to analyse (default all). ``amp``: the trainer's precision."""
 
     epochs: int = 1000
     batch_size: int = 32
@@ -58,6 +58,7 @@ class NCConfig:
     mad_epsilon: float = 1e-6
     targets: tuple[int, ...] | None = None
     seed: int = 0
+    amp: str = "auto"
 
     def check(self):
         if self.epochs < 1 or self.batch_size < 1 or self.samples < 1 or self.patience < 1:
@@ -150,16 +151,80 @@ def _squash(v: torch.Tensor) -> torch.Tensor:
     return torch.tanh(v) / 2 + 0.5
 
 
+class ClassSearch(Callback):
+    """One class's trigger search, run by the trainer: a :class:`Task` of :meth:`batch`, :meth:`stamp`
+    and :meth:`loss` steps CE(f((1 − m)·x + m·p), c) + λ·|m|₁ with the trigger's own Adam (``trigger``
+    holds the free mask and pattern) on batches in the order of ``generator``'s permutations, one per
+    epoch and the same for every class; after each epoch NCConfig's λ schedule, kept mask and early
+    stop apply."""
+
+    STATE = ("cost", "up", "down", "went_up", "went_down", "best_l1", "best_acc", "best_mask", "best_pattern",
+             "stale", "stale_best", "epochs", "last_acc")
+
+    def __init__(self, trigger: nn.ParameterDict, model: Classifier, images: torch.Tensor,
+                 generator: torch.Generator, cfg: NCConfig):
+        self.trigger, self.model, self.images, self.generator, self.cfg = trigger, model, images, generator, cfg
+        self.adam = torch.optim.Adam(trigger.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+        self.cost, self.up, self.down, self.went_up, self.went_down = cfg.init_cost, 0, 0, False, False
+        self.best_l1, self.best_acc, self.best_mask, self.best_pattern = math.inf, 0.0, None, None
+        self.stale, self.stale_best, self.epochs, self.last_acc = 0, math.inf, 0, 0.0
+        self.queue = torch.zeros(0, dtype=torch.int64)  # empty at each epoch end, where checkpoints fall
+
+    def batch(self, x, y, generator):
+        if not len(self.queue):
+            self.queue = torch.randperm(len(self.images), generator=self.generator)
+        x, self.queue = self.images[self.queue[:len(x)]], self.queue[len(x):]
+        return x, y
+
+    def stamp(self, classifier, inputs):
+        self.mask = _squash(self.trigger["mask"])
+        return self.model((1 - self.mask) * inputs + self.mask * _squash(self.trigger["pattern"]))
+
+    def loss(self, logits, inputs, labels):
+        ce = F.cross_entropy(logits, labels, reduction="none").mean()
+        return ce + torch.tensor(self.cost, device=ce.device) * self.mask.sum(), {"ce": ce.detach()}
+
+    def on_epoch_end(self, loop, record):
+        cfg, acc = self.cfg, record["train_acc"]
+        self.epochs, self.last_acc = loop.epoch, acc
+        with torch.no_grad():
+            mask, pattern = _squash(self.trigger["mask"]), _squash(self.trigger["pattern"])
+        l1, reached = mask.sum().item(), acc >= cfg.attack_success
+        if reached and l1 < self.best_l1:
+            self.best_l1, self.best_acc, self.best_mask, self.best_pattern = l1, acc, mask, pattern
+        record.update(cost=self.cost, mask_l1=l1)
+        if cfg.early_stop:
+            if self.best_l1 < math.inf:
+                self.stale = self.stale + 1 if self.best_l1 >= self.stale_best else 0
+            self.stale_best = min(self.stale_best, self.best_l1)
+            if self.went_up and self.went_down and self.stale >= cfg.early_stop_patience:
+                loop.request_stop(f"the kept mask (L1 {self.best_l1:.1f}) has not shrunk for {self.stale} epochs")
+        # λ schedule: more sparsity pressure while the attack works, less when it fails
+        self.up, self.down = (self.up + 1, 0) if reached else (0, self.down + 1)
+        if self.up >= cfg.patience:
+            self.up, self.went_up = 0, True
+            self.cost *= cfg.cost_multiplier
+        elif self.down >= cfg.patience:
+            self.down, self.went_down = 0, True
+            self.cost /= cfg.cost_multiplier ** 1.5
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state(), **{k: getattr(self, k) for k in self.STATE}}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"].cpu())  # the checkpoint loads onto the model's device
+        vars(self).update({k: state[k] for k in self.STATE})
+
+
 class NeuralCleanse:
     """Reverse-engineer one minimal trigger per class and flag classes whose mask is anomalously small.
 
     Wang, Yao, Shan, Li, Viswanath, Zheng, Zhao, "Neural Cleanse: Identifying and Mitigating Backdoor
-    Attacks in Neural Networks", IEEE S&P 2019; used as a detector by SAGE (spec §6.3). Departures from
-    the released code, all to keep it short and fast:
+    Attacks in Neural Networks", IEEE S&P 2019; used as a detector by SAGE (spec §6.3). Each class's
+    search is a trainer run (:class:`ClassSearch`) with its own mask, pattern, Adam and λ, checkpointed
+    under ``run_dir``/class-<c> for ``resume``; all start from one seeded draw and see the images in the
+    same order. Departures from the released code, all to keep it short and fast:
 
-    * all classes are optimised in one batch (each class has its own mask, pattern, λ and counters;
-      Adam is element-wise and the class losses are summed, so the updates equal separate runs),
-      and a class stops costing compute once it early-stops;
     * λ starts at ``init_cost`` instead of the release's 0-then-``init_cost`` warm-up;
     * the kept ("best") mask is the end-of-epoch mask of the epoch with the smallest L1 among epochs
       whose running attack success reached the threshold (the release compares the epoch-mean L1);
@@ -177,119 +242,55 @@ class NeuralCleanse:
     def describe(self) -> dict:
         return {"name": self.name, "config": config_to_dict(self.config)}
 
-    def detect(self, model: Classifier, clean: ImageDataset, *, device=None, quiet: bool = False) -> NCReport:
+    def detect(self, model: Classifier, clean: ImageDataset, *, device=None, quiet: bool = False,
+               run_dir: str | Path | None = None, resume: bool = False) -> NCReport:
         cfg = self.config
         t0 = time.perf_counter()
-        out = self.reverse_engineer(model, clean, device=device, quiet=quiet)
+        out = self.reverse_engineer(model, clean, device=device, quiet=quiet, run_dir=run_dir, resume=resume)
         norms = out["masks"].flatten(1).sum(1).tolist()
         return report_from_norms(norms, out["targets"], threshold=cfg.threshold, eps=cfg.mad_epsilon,
                                  attack_success=out["attack_success"], found=out["found"], cost=out["cost"],
                                  epochs=out["epochs"], seconds=time.perf_counter() - t0,
                                  config=config_to_dict(cfg), masks=out["masks"], patterns=out["patterns"])
 
-    def reverse_engineer(self, model: Classifier, clean: ImageDataset, *, device=None, quiet: bool = True) -> dict:
+    def reverse_engineer(self, model: Classifier, clean: ImageDataset, *, device=None, quiet: bool = True,
+                         run_dir: str | Path | None = None, resume: bool = False) -> dict:
         """Per target: the kept mask (H×W) and pattern (C×H×W), its attack success, λ and epochs."""
         cfg = self.config
-        device = torch.device(device) if device is not None else model.device
-        if device != model.device:
-            model = model.copy().to(device)  # never move the caller's model
         targets = list(range(model.num_classes)) if cfg.targets is None else [int(t) for t in cfg.targets]
         if not targets or any(not 0 <= t < model.num_classes for t in targets):
             raise UserError(f"targets must be classes in 0..{model.num_classes - 1}, got {targets}")
         if len(clean) == 0:
             raise UserError("Neural Cleanse needs clean images")
-
+        device = torch.device(device) if device is not None else model.device
+        model = model.copy().to(device)  # frozen and in eval mode; the caller's model is never touched
+        model.net.eval().requires_grad_(False)
         g = torch.Generator().manual_seed(cfg.seed)
-        pick = torch.randperm(len(clean), generator=g)[:cfg.samples]
-        images = clean.images[pick].to(device).float().div_(255)
+        images = clean.images[torch.randperm(len(clean), generator=g)[:cfg.samples]]
         n, (c, h, w) = len(images), images.shape[1:]
-        batch = min(cfg.batch_size, n)
-        steps_per_epoch = math.ceil(n / batch)
-        k_all = len(targets)
         # Random initial masks and patterns, as the release (uniform in [0, 1]).
-        mask_vars = [torch.nn.Parameter(_to_free(torch.rand(h, w, generator=g)).to(device)) for _ in targets]
-        pattern_vars = [torch.nn.Parameter(_to_free(torch.rand(c, h, w, generator=g)).to(device)) for _ in targets]
-        opt = torch.optim.Adam(mask_vars + pattern_vars, lr=cfg.lr, betas=tuple(cfg.betas))
-        target_t = torch.tensor(targets, device=device)
-
-        cost = [cfg.init_cost] * k_all
-        up, down = [0] * k_all, [0] * k_all
-        went_up, went_down = [False] * k_all, [False] * k_all
-        best_l1, best_acc = [math.inf] * k_all, [0.0] * k_all
-        best_mask: list[torch.Tensor | None] = [None] * k_all
-        best_pattern: list[torch.Tensor | None] = [None] * k_all
-        stale, stale_best = [0] * k_all, [math.inf] * k_all
-        active, epochs_run, last_acc = [True] * k_all, [0] * k_all, [0.0] * k_all
-
-        was_training = model.net.training
-        model.net.eval()
-        show_bar = not quiet and sys.stderr.isatty()
-        bar = tqdm(total=cfg.epochs, desc="neural cleanse", leave=False, disable=not show_bar, dynamic_ncols=True)
-        try:
-            for epoch in range(cfg.epochs):
-                act = [k for k in range(k_all) if active[k]]
-                if not act:
-                    break
-                order = torch.randperm(n, generator=g).to(device)
-                hits = torch.zeros(len(act), device=device)
-                seen = 0
-                for step in range(steps_per_epoch):
-                    x = images[order[step * batch:(step + 1) * batch]]
-                    m = torch.stack([_squash(mask_vars[k]) for k in act])[:, None, None]     # A×1×1×H×W
-                    p = torch.stack([_squash(pattern_vars[k]) for k in act])[:, None]        # A×1×C×H×W
-                    stamped = ((1 - m) * x[None] + m * p).flatten(0, 1)                      # (A·b)×C×H×W
-                    y = target_t[act].repeat_interleave(len(x))
-                    logits = model(stamped)
-                    ce = F.cross_entropy(logits, y, reduction="none").view(len(act), -1).mean(1)
-                    l1 = m.flatten(1).sum(1)
-                    lam = torch.tensor([cost[k] for k in act], device=device)
-                    opt.zero_grad(set_to_none=True)  # inactive classes keep grad None, so Adam skips them
-                    (ce + lam * l1).sum().backward(inputs=[mask_vars[k] for k in act] + [pattern_vars[k] for k in act])
-                    opt.step()
-                    hits += (logits.detach().argmax(1) == y).view(len(act), -1).sum(1)
-                    seen += len(x)
-                acc = (hits / seen).tolist()
-                with torch.no_grad():
-                    for j, k in enumerate(act):
-                        epochs_run[k] = epoch + 1
-                        last_acc[k] = acc[j]
-                        mask_now = _squash(mask_vars[k])
-                        reached = acc[j] >= cfg.attack_success
-                        if reached and mask_now.sum().item() < best_l1[k]:
-                            best_l1[k], best_acc[k] = mask_now.sum().item(), acc[j]
-                            best_mask[k], best_pattern[k] = mask_now.clone(), _squash(pattern_vars[k]).clone()
-                        if cfg.early_stop:
-                            if best_l1[k] < math.inf:
-                                stale[k] = stale[k] + 1 if best_l1[k] >= stale_best[k] else 0
-                            stale_best[k] = min(stale_best[k], best_l1[k])
-                            if went_up[k] and went_down[k] and stale[k] >= cfg.early_stop_patience:
-                                active[k] = False
-                        # λ schedule: more sparsity pressure while the attack works, less when it fails
-                        up[k], down[k] = (up[k] + 1, 0) if reached else (0, down[k] + 1)
-                        if up[k] >= cfg.patience:
-                            up[k], went_up[k] = 0, True
-                            cost[k] *= cfg.cost_multiplier
-                        elif down[k] >= cfg.patience:
-                            down[k], went_down[k] = 0, True
-                            cost[k] /= cfg.cost_multiplier ** 1.5
-                bar.update(1)
-                if show_bar:
-                    bar.set_postfix(active=sum(active), min_l1=f"{min(best_l1):.1f}")
-                elif not quiet and ((epoch + 1) % 10 == 0 or epoch + 1 == cfg.epochs):
-                    # No bar in a log file, but a run takes minutes per model on a CPU: say where it is.
-                    print(f"neural cleanse epoch {epoch + 1}/{cfg.epochs}: {sum(active)} classes active, "
-                          f"smallest mask L1 so far {min(best_l1):.1f}", file=sys.stderr, flush=True)
-        finally:
-            bar.close()
-            model.net.train(was_training)
-
-        found = [b is not None for b in best_mask]
-        with torch.no_grad():
-            masks = torch.stack([best_mask[k] if found[k] else _squash(mask_vars[k]) for k in range(k_all)])
-            patterns = torch.stack([best_pattern[k] if found[k] else _squash(pattern_vars[k]) for k in range(k_all)])
-        return {"targets": targets, "masks": masks.cpu(), "patterns": patterns.cpu(),
-                "attack_success": [best_acc[k] if found[k] else last_acc[k] for k in range(k_all)],
-                "found": found, "cost": cost, "epochs": epochs_run}
+        inits = [torch.rand(h, w, generator=g) for _ in targets], [torch.rand(c, h, w, generator=g) for _ in targets]
+        orders = g.get_state()
+        train = TrainConfig(epochs=cfg.epochs, batch_size=min(cfg.batch_size, n), lr=cfg.lr, momentum=0.0, nesterov=False,
+                            weight_decay=0.0, augment="none", shuffle=False, seed=cfg.seed, amp=cfg.amp)
+        searches = []
+        for target, mask, pattern in zip(targets, *inits):
+            trigger = nn.ParameterDict({"mask": nn.Parameter(_to_free(mask).to(device)),
+                                        "pattern": nn.Parameter(_to_free(pattern).to(device))})
+            s = ClassSearch(trigger, model, images, torch.Generator().set_state(orders), cfg)
+            Trainer(train, desc=f"neural cleanse class {target}", quiet=quiet).fit(
+                Classifier(trigger, "nc-trigger", model.classes, input_shape=model.input_shape),
+                ImageDataset(images, torch.full((n,), target), model.classes), callbacks=[s],
+                task=Task(s.loss, before_augment=s.batch, forward=s.stamp, optimizers=[s.adam]),
+                run_dir=Path(run_dir) / f"class-{target}" if run_dir else None, resume=resume)
+            searches.append(s)
+        with torch.no_grad():  # the smallest successful mask, else the last one
+            masks, patterns, success = zip(*((s.best_mask, s.best_pattern, s.best_acc) if s.best_mask is not None else
+                                             (_squash(s.trigger["mask"]), _squash(s.trigger["pattern"]), s.last_acc)
+                                             for s in searches))
+        return {"targets": targets, "masks": torch.stack(masks).cpu(), "patterns": torch.stack(patterns).cpu(),
+                "attack_success": list(success), "found": [s.best_mask is not None for s in searches],
+                "cost": [s.cost for s in searches], "epochs": [s.epochs for s in searches]}
 
 
 def save_masks_png(report: NCReport, path: str | Path) -> Path:

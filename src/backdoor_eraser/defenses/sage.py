@@ -11,17 +11,15 @@ from ..classifier import Classifier
 from ..data.dataset import ImageDataset
 from ..errors import UserError
 from ..models.taps import FeatureTaps
-from ..training import Trainer
-from ..training.trainer import CHECKPOINT
+from ..training import Callback, Task, Trainer, eval_columns
 from .attention import ATTENTION_FUNCTIONS, DISTANCES, attention_distance, attention_map, normalize_map
-from .base import Defense, OptimConfig, PurifyResult
+from .base import Defense, DefenseTrainConfig, PurifyResult, Stage
 
-BEST_FILE = "best.pt"
 SELECTIONS = ("clean_loss", "last")
 
 
 @dataclass
-class SAGEConfig(OptimConfig):
+class SAGEConfig(DefenseTrainConfig):
     """Paths ⟨i, j⟩ are pairs of 0-based positions in ``sites`` (``(0, 1)`` or ``"0-1"``); default: adjacent
     sites, (0,1), (1,2) for WRN's three groups. ``beta``: one weight for every path or one per path (300,
     on the MSE scale, as in the only public code). Attention ``mean_p`` with p = 2; the deeper map is
@@ -30,7 +28,7 @@ class SAGEConfig(OptimConfig):
     reach the shallow side too); True follows the paper's "deep learns from shallow".
     Optimiser: lr 0.05 (CIFAR-10 value of the public code), constant, halved by the dynamic rule (P = 25,
     ρ = 0.75) on the epoch's clean training CE; 100 epochs, batch 64, SGD momentum 0.9, Nesterov, wd 1e-4,
-    crop+flip. ``select='clean_loss'`` returns the epoch with the lowest clean-subset CE (eval mode).
+    crop + flip + Cutout(1, 3) (the family's augmentation). ``select='clean_loss'`` returns the epoch with the lowest clean-subset CE (eval mode).
     """
 
     epochs: int = 100
@@ -51,6 +49,7 @@ class SAGEConfig(OptimConfig):
     sites: tuple[str, ...] | None = None
 
     def check(self):
+        super().check()
         if self.attention not in ATTENTION_FUNCTIONS:
             raise UserError(f"SAGE attention must be one of {', '.join(ATTENTION_FUNCTIONS)}, got {self.attention!r}")
         if self.distance not in DISTANCES:
@@ -139,7 +138,7 @@ class SelfAttentionDistillation:
         self.taps.remove()
 
 
-class DynamicLR:
+class DynamicLR(Callback):
     """SAGE's learning-rate rule (eq. 6): after every ``interval`` (P) epochs, multiply the lr by ``factor``
     if either holds:
 
@@ -149,8 +148,8 @@ class DynamicLR:
 
     :meth:`step` takes one epoch's clean loss and says whether the lr was just reduced. In the first interval
     there is no loss before epoch 1, so C1 counts the P − 1 available transitions against ρ·(P − 1); C2
-    needs a previous interval. As an epoch hook (``Trainer.fit(epoch_hooks=[rule])``) it reads the record's
-    ``key`` ("ce", else "loss") and scales every param group's ``lr_scale``.
+    needs a previous interval. As a callback it reads the epoch record's ``key`` ("ce", else "loss") and
+    scales every param group's ``lr_scale``; its losses and reductions are saved with the checkpoint.
     """
 
     def __init__(self, interval: int = 25, ratio: float = 0.75, factor: float = 0.5, key: str = "ce"):
@@ -176,11 +175,18 @@ class DynamicLR:
             self.reduced_at.append(n)
         return c1 or c2
 
-    def __call__(self, record: dict, optimizer: torch.optim.Optimizer) -> None:
+    def on_epoch_end(self, loop, record: dict) -> None:
         if self.step(record.get(self.key, record["loss"])):
-            for group in optimizer.param_groups:
+            for group in loop.optimizer.param_groups:
                 group["lr_scale"] = group.get("lr_scale", 1.0) * self.factor
         record["lr_scale"] = self.scale   # the multiplier of the next epoch
+
+    def state_dict(self) -> dict:
+        return {"losses": list(self.losses), "reduced_at": list(self.reduced_at), "scale": self.scale}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses, self.reduced_at = list(state["losses"]), list(state["reduced_at"])
+        self.scale = float(state["scale"])
 
 
 @torch.no_grad()
@@ -196,25 +202,26 @@ def clean_loss(model: Classifier, data: ImageDataset, batch_size: int = 500) -> 
     return total / len(data)
 
 
-class BestCleanLoss:
-    """Epoch hook: records ``clean_ce`` (eval-mode CE on the clean subset) and keeps the weights of the epoch
-    with the lowest one, saved to ``path`` (if given) so that a resumed run (``load``) still knows them."""
+class BestCleanLoss(Callback):
+    """Records ``clean_ce`` (eval-mode CE on the clean subset) each epoch and keeps the weights of the epoch
+    with the lowest one; they are saved with the loop's checkpoint (atomically), so a resumed run still
+    knows them."""
 
-    def __init__(self, model: Classifier, data: ImageDataset, path: Path | None = None, load: bool = False):
-        self.model, self.data, self.path = model, data, path
+    def __init__(self, model: Classifier, data: ImageDataset):
+        self.model, self.data = model, data
         self.best, self.epoch, self.state = float("inf"), 0, None
-        if load and path and path.exists():
-            saved = torch.load(path, map_location=model.device, weights_only=True)
-            self.best, self.epoch, self.state = saved["loss"], saved["epoch"], saved["model"]
 
-    def __call__(self, record: dict, optimizer) -> None:
+    def on_epoch_end(self, loop, record: dict) -> None:
         record["clean_ce"] = loss = clean_loss(self.model, self.data)
         if loss < self.best:
             self.best, self.epoch = loss, int(record["epoch"])
             self.state = {k: v.detach().clone() for k, v in self.model.net.state_dict().items()}
-            if self.path:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save({"loss": loss, "epoch": self.epoch, "model": self.state}, self.path)
+
+    def state_dict(self) -> dict:
+        return {"loss": self.best, "epoch": self.epoch, "model": self.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.epoch, self.state = float(state["loss"]), int(state["epoch"]), state["model"]
 
 
 class SAGE(Defense):
@@ -230,6 +237,17 @@ class SAGE(Defense):
     """
 
     name = "sage"
+    stages = (Stage("sage", "epochs"),)
+    # ``paper``: the dynamic lr rule (P = 25, ρ = 0.75, halving) with the public code's lr and epochs.
+    # ``release`` (the only public code, AIcert): the rule exists there but is never called, and its
+    # best-by-test-ASR checkpoint is test leakage, so the last epoch stands in for it (spec §5.6).
+    presets = {
+        "paper": dict(epochs=100, batch_size=64, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4,
+                      schedule="constant", dynamic_lr=True, lr_interval=25, lr_ratio=0.75, lr_factor=0.5,
+                      beta=(300.0,), select="clean_loss"),
+        "release": dict(epochs=100, batch_size=64, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4,
+                        schedule="constant", dynamic_lr=False, beta=(300.0,), detach_shallow=False, select="last"),
+    }
 
     def __init__(self, config: SAGEConfig):
         config.check()
@@ -242,19 +260,12 @@ class SAGE(Defense):
         objective = SelfAttentionDistillation(student, paths=cfg.paths, beta=cfg.beta, p=cfg.p,
                                               function=cfg.attention, normalize=cfg.normalize, distance=cfg.distance,
                                               detach_shallow=cfg.detach_shallow, sites=cfg.sites)
-        selector = BestCleanLoss(student, clean, run_dir / BEST_FILE if run_dir else None, load=resume)
-        hooks = [selector]
+        selector = BestCleanLoss(student, clean)
         rule = DynamicLR(cfg.lr_interval, cfg.lr_ratio, cfg.lr_factor) if cfg.dynamic_lr else None
-        if rule:
-            hooks.append(rule)
-            if resume and run_dir and (run_dir / CHECKPOINT).exists():
-                # the lr_scale itself comes back with the optimizer state; the rule needs its loss history
-                for rec in torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True)["history"]:
-                    rule.step(rec.get(rule.key, rec["loss"]))
+        callbacks = [selector] + ([rule] if rule else []) + eval_columns(eval_fn)
         try:
             res = Trainer(cfg.train_config(), desc="sage", quiet=quiet).fit(
-                student, clean, objective=objective, epoch_hooks=hooks, eval_fn=eval_fn, run_dir=run_dir,
-                resume=resume)
+                student, clean, task=Task(objective), callbacks=callbacks, run_dir=run_dir, resume=resume)
         finally:
             objective.remove()
         info = {"paths": [list(p) for p in objective.paths], "beta": objective.beta, "attention": cfg.attention,

@@ -102,7 +102,7 @@ def run_cell(row: dict, model_dirs: dict[str, str], opts: RunOptions, cache: Dat
         metrics = workflows.run_purify(
             model=model, method=d["name"], out=run_dir, defense_params=d["params"], seed=cfg["seed"],
             clean_fraction=cfg["clean_fraction"], device=opts.device, resume=True, quiet=opts.quiet, splits=splits,
-            epoch_eval=opts.epoch_eval, epochs_budget=cfg["epochs_budget"])
+            epoch_eval=opts.epoch_eval, epochs_budget=cfg["epochs_budget"], preset=d.get("preset"))
         if opts.figures:
             _figure(lambda: _attention(model, run_dir, splits, d["name"]))
         return metrics, metrics.get("total_steps", metrics.get("steps"))
@@ -119,7 +119,7 @@ def run_cell(row: dict, model_dirs: dict[str, str], opts: RunOptions, cache: Dat
         d = cfg["detector"]
         res = workflows.run_detect(model=model, out=run_dir, detector=d["name"], params=d["config"],
                                    clean_fraction=cfg["clean_fraction"], seed=cfg["seed"], device=opts.device,
-                                   quiet=opts.quiet, splits=splits)
+                                   quiet=opts.quiet, splits=splits, resume=True)
         return res, None
     raise UserError(f"cell {row['hash']} has unknown kind {cfg['kind']!r}")
 

@@ -11,10 +11,11 @@ A spec file looks like::
       - {name: blend, params: {alpha: 0.2}}
       - {name: clean-label, label: clean-label-4c, params: {corners: four-corners}}
       - {name: badnets, label: badnets-zoo, model: zoo/badnets}   # an existing run folder, not trained
-    defenses: [finetune, nad, {name: nad, label: nad-lr0.03, params: {lr: 0.03}}]
+    defenses: [finetune, nad, {name: nad, label: nad-lr0.03, params: {lr: 0.03}},
+               {name: nad, label: nad-release, preset: release}]   # a named recipe; params override it
     seeds: [0, 1, 2]                # clean-subset (and defense-training) seeds
     clean_fractions: [0.05]
-    attack_train: {epochs: 60, schedule: multistep, milestones: [40]}   # TrainConfig fields
+    attack_train: {epochs: 60, schedule: multistep, milestones: [40]}   # over training.ATTACK_TRAINING
     settings: {epoch_eval: false, reference: nad}
 
 An attack entry may name ``zoo: NAME``: with ``bench --zoo DIR`` the run folder ``DIR/NAME`` is used
@@ -37,14 +38,14 @@ from ..data import DATASETS
 from ..errors import UserError
 from ..models import MODELS, create_model
 from ..registry import build_config, config_to_dict
-from ..training import TrainConfig
+from ..training import ATTACK_TRAINING, TrainConfig
 
 SPEC_KEYS = ("name", "description", "datasets", "archs", "attacks", "defenses", "detectors", "seeds",
              "clean_fractions", "attack_train", "settings")
 AXES = ("dataset", "arch", "attack", "defense", "seed", "clean_fraction")
 ATTACK_KEYS = ("name", "label", "params", "model", "zoo", "seed", "train")
 DATASET_KEYS = ("name", "label", "options")
-DEFENSE_KEYS = ("name", "label", "params", "epochs_budget")
+DEFENSE_KEYS = ("name", "label", "params", "preset", "epochs_budget")
 DETECTOR_KEYS = ("name", "label", "params")
 
 
@@ -84,6 +85,7 @@ class DefenseEntry:
     name: str
     params: dict = field(default_factory=dict)
     epochs_budget: int | None = None
+    preset: str | None = None
 
 
 @dataclass
@@ -352,7 +354,16 @@ def _defense_entry(entry, i: int, source: str) -> DefenseEntry:
     budget = e.get("epochs_budget")
     if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
         _fail(source, f"defenses[{i}]: epochs_budget {budget!r} is not a positive integer")
-    return DefenseEntry(label=e.get("label", name).strip(), name=name, params=params, epochs_budget=budget)
+    preset = e.get("preset")
+    if preset is not None:
+        if not isinstance(preset, str):
+            _fail(source, f"defenses[{i}]: preset must be a name, got {preset!r}")
+        try:
+            defenses.resolve_params(name, preset)
+        except UserError as exc:
+            _fail(source, f"defenses[{i}]: {exc}")
+    return DefenseEntry(label=e.get("label", name).strip(), name=name, params=params, epochs_budget=budget,
+                        preset=preset)
 
 
 # ---- expansion into cells -----------------------------------------------------------------------------
@@ -387,7 +398,7 @@ def file_sha256(path: Path) -> str:
 
 
 def attack_train_config(spec: GridSpec, entry: AttackEntry) -> TrainConfig:
-    values = {**spec.attack_train, **entry.train, "seed": entry.seed}
+    values = {**ATTACK_TRAINING, **spec.attack_train, **entry.train, "seed": entry.seed}
     return _check_train(values, spec.source, f"attacks ({entry.label}) train")
 
 
@@ -432,9 +443,11 @@ def expand(spec: GridSpec, *, zoo: str | Path | None = None, say=None) -> list[C
                             params = dict(d.params)
                             if "seed" in {f.name for f in dataclasses.fields(defenses.DEFENSES.config_class(d.name))}:
                                 params.setdefault("seed", seed)
-                            resolved = config_to_dict(defenses.DEFENSES.make_config(d.name, **params))
+                            resolved = config_to_dict(defenses.DEFENSES.make_config(
+                                d.name, **defenses.resolve_params(d.name, d.preset, params)))
                             cfg = {"kind": "defense", "dataset": data_rec, "arch": arch, "model": model_ref,
-                                   "attack": attack_desc, "defense": {"name": d.name, "params": params, "config": resolved},
+                                   "attack": attack_desc, "defense": {"name": d.name, "preset": d.preset,
+                                                                      "params": params, "config": resolved},
                                    "epochs_budget": d.epochs_budget, "seed": seed, "clean_fraction": frac}
                             cells.append(Cell("defense", cfg, {**axes, "defense": d.label, "seed": seed,
                                                                "clean_fraction": frac}, list(deps)))

@@ -1,9 +1,10 @@
 """One trainer for attack training, fine-tuning and every distillation.
 
 A short loop in the spirit of airbench: uint8 batches are sliced from in-memory
-tensors, augmented on the model's device, normalised, and fed forward; the loss
-comes from an *objective* (cross-entropy by default, NAD/ARGD/SAGE add terms).
-Per-epoch checkpoints make long runs resumable.
+tensors, augmented on the model's device, normalised, and fed forward; what a step
+computes comes from a *task* (cross-entropy by default; NAD/ARGD/SAGE add terms,
+MCR trains a curve, RNP masks), and *callbacks* watch it (training/tasks.py).
+Per-epoch checkpoints make long runs resumable, callbacks' state included.
 """
 from __future__ import annotations
 
@@ -12,19 +13,21 @@ import math
 import os
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..classifier import Classifier
-from ..data.augment import CropFlip
+from ..data.augment import make_augment, parse_augment
 from ..data.dataset import ImageDataset
 from ..errors import UserError
+from .precision import AMP_MODES, resolve_amp
 from .schedules import Schedule
+from .tasks import Callback, Loop, Task
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -45,15 +48,21 @@ class TrainConfig:
     gamma: float = 0.1
     milestones: tuple[int, ...] = ()
     label_smoothing: float = 0.0
-    augment: str = "crop-flip"   # or "none"
+    # Steps joined with '+': crop, flip, cutout (always applied in that order); "crop-flip" and "none"
+    # are aliases. Cutout is the releases' Cutout(holes, length) on the uint8 image (spec §1.3).
+    augment: str = "crop-flip"
     crop_padding: int = 4
+    cutout_holes: int = 1
+    cutout_length: int = 3
     shuffle: bool = True
     drop_last: bool = False
     seed: int = 0
     channels_last: bool = False
-    # "bf16": forward pass and loss under bfloat16 autocast (weights and optimizer stay fp32).
-    # About 1.6x faster on CPUs with AMX; benchmarks/results/precision_cifar10.md compares accuracy.
-    amp: str = "none"
+    # "bf16": forward pass and loss under bfloat16 autocast (weights and optimizer stay fp32); "auto":
+    # bf16 only where the device runs it natively (training/precision.py), else fp32. bf16 asked for
+    # where it is not native falls back to fp32 with a warning, or fails with ``amp_strict``.
+    amp: str = "auto"
+    amp_strict: bool = False
 
     def make_schedule(self) -> Schedule:
         return Schedule(self.schedule, self.step_size, self.gamma, tuple(self.milestones))
@@ -61,41 +70,34 @@ class TrainConfig:
     def check(self):
         if self.epochs < 0 or self.batch_size < 1 or self.lr < 0:
             raise UserError("epochs must be ≥ 0, batch size ≥ 1 and lr ≥ 0")
-        if self.augment not in ("crop-flip", "none"):
-            raise UserError(f"augment must be 'crop-flip' or 'none', got {self.augment!r}")
-        if self.amp not in ("none", "bf16"):
-            raise UserError(f"amp must be 'none' or 'bf16', got {self.amp!r}")
+        try:
+            parse_augment(self.augment)
+        except ValueError as exc:
+            raise UserError(f"augment: {exc}") from None
+        if self.crop_padding < 0 or self.cutout_holes < 0 or self.cutout_length < 0:
+            raise UserError("crop_padding, cutout_holes and cutout_length must be ≥ 0")
+        if self.amp not in AMP_MODES:
+            raise UserError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         self.make_schedule()
 
+    def train_config(self, **overrides) -> "TrainConfig":
+        """A plain TrainConfig of this config's training fields (a defense config holds them among its
+        own), with ``overrides``: the recipe of one training stage."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)}
+        values.update(overrides)
+        return TrainConfig(**values)
 
-class Objective(Protocol):
-    """Computes the training loss from a forward pass; extra trainable parameters optional."""
 
-    def __call__(self, logits: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
-
-
-class CrossEntropy:
-    """Plain (optionally label-smoothed) cross-entropy."""
-
-    def __init__(self, label_smoothing: float = 0.0):
-        self.label_smoothing = label_smoothing
-
-    def __call__(self, logits, inputs, labels):
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
-        return loss, {}
+# How attack models are trained unless told otherwise (the CLI's `attack` and the grid's attack cells):
+# ABL's README recipe, 60 epochs with lr 0.1 -> 0.01 at epoch 40, batch 128, crop + flip, wd 5e-4. It
+# ends at lr 0.01 like the releases' models; a schedule that decays to 0 gives models whose small
+# weights lose 10-14 ACC points under lr-0.1 fine-tuning (zoo/fragile, spec §8.5).
+ATTACK_TRAINING = dict(epochs=60, batch_size=128, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                       schedule="multistep", milestones=(40,), gamma=0.1, augment="crop+flip")
 
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
-
-
-BatchHook = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
-EpochHook = Callable[[dict, torch.optim.Optimizer], None]
-# Called after every optimizer step with {"epoch", "step", "loss", "correct", "batch_size"} (Python
-# numbers). Costs one device sync per step, so it is only computed when a hook is given. A hook may
-# raise to end training mid-epoch (RNP's unlearning stop); the model then holds that step's weights.
-StepHook = Callable[[dict], None]
 
 
 @dataclass
@@ -105,15 +107,15 @@ class TrainResult:
     steps: int = 0
     seconds: float = 0.0
     resumed_from: int | None = None
+    precision: str = "none"   # what ``amp`` resolved to on the device: "bf16" or "none" (fp32)
+    stopped: str | None = None  # why a callback ended training early, if one did
 
 
 class Trainer:
-    """Trains ``classifier.net`` in place on an :class:`ImageDataset`.
-
-    Hooks: ``batch_hook(x_uint8, y, generator)`` rewrites a batch before augmentation
-    (on-the-fly poisoning such as WaNet); ``epoch_hooks`` run after each epoch with the
-    epoch's record and the optimizer (dynamic lr rules, extra evaluation columns).
-    """
+    """Trains ``classifier`` in place on an :class:`ImageDataset` with a :class:`Task` (cross-entropy
+    by default) and :class:`Callback` s; with ``run_dir`` it writes a checkpoint after every epoch
+    (model, optimisers, generator, the task's and callbacks' state) from which ``resume`` continues
+    exactly."""
 
     def __init__(self, config: TrainConfig, *, desc: str = "train", quiet: bool = False):
         config.check()
@@ -121,26 +123,27 @@ class Trainer:
         self.desc = desc
         self.quiet = quiet
 
-    def fit(self, classifier: Classifier, data: ImageDataset, *, objective: Objective | None = None,
-            extra_params: Iterable[torch.nn.Parameter] = (),
-            extra_optimizers: Iterable[torch.optim.Optimizer] = (), batch_hook: BatchHook | None = None,
-            epoch_hooks: Iterable[EpochHook] = (), step_hooks: Iterable[StepHook] = (), eval_fn: Callable[[Classifier], dict] | None = None,
-            run_dir: str | Path | None = None, resume: bool = False) -> TrainResult:
+    def fit(self, classifier: Classifier, data: ImageDataset, *, task: Task | None = None,
+            callbacks: Iterable[Callback] = (), run_dir: str | Path | None = None,
+            resume: bool = False) -> TrainResult:
         cfg = self.config
         net = classifier.net
         device = classifier.device
-        objective = objective or CrossEntropy(cfg.label_smoothing)
-        step_hooks = list(step_hooks)
-        # Optimizers of their own (e.g. input-aware's Adam on its trigger generator), stepped with the
-        # model's; their parameters must not also be in extra_params.
-        extra_optimizers = list(extra_optimizers)
+        task = task or Task(label_smoothing=cfg.label_smoothing)
+        callbacks = list(callbacks)
+        want_steps = any(cb.wants_steps for cb in callbacks)
         if cfg.channels_last:
             net.to(memory_format=torch.channels_last)
-        params = [p for p in net.parameters() if p.requires_grad] + list(extra_params)
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                                    weight_decay=cfg.weight_decay)
+        params = task.parameters(classifier)
+        net_ids = {id(p) for p in net.parameters()}
+        extra = [p for p in params if id(p) not in net_ids]   # saved by value: not in the net's state dict
+        # One group, empty where the task's own optimisers train everything (NC's and TrojanNN's Adam).
+        optimizer = torch.optim.SGD([{"params": params}], lr=cfg.lr, momentum=cfg.momentum,
+                                    nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+        own_optimizers = list(task.optimizers())
         schedule = cfg.make_schedule()
-        augment = CropFlip(cfg.crop_padding) if cfg.augment == "crop-flip" else None
+        augment = make_augment(cfg)
+        bf16 = resolve_amp(cfg.amp, device, strict=cfg.amp_strict, say=self._say) == "bf16"
         gen = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
 
@@ -152,32 +155,23 @@ class Trainer:
             raise UserError(f"{n} samples are fewer than one batch of {cfg.batch_size} with drop_last")
         images, labels = data.images.to(device), data.labels.to(device)
 
-        result = TrainResult()
+        result = TrainResult(precision="bf16" if bf16 else "none")
+        loop = Loop(classifier, optimizer, cfg.epochs, steps_per_epoch)
         start_epoch = 0
         ckpt_path = Path(run_dir) / CHECKPOINT if run_dir else None
         if resume and ckpt_path and ckpt_path.exists():
-            state = torch.load(ckpt_path, map_location=device, weights_only=True)
-            net.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            gen.set_state(state["generator"])
-            torch.set_rng_state(state["torch_rng"])
-            result.history = list(state["history"])
-            result.steps = int(state["steps"])
-            start_epoch = int(state["epoch"]) + 1
-            result.resumed_from = start_epoch
-            if extra_params and "extra" in state:
-                for p, v in zip(extra_params, state["extra"]):
-                    p.data.copy_(v)
-            for opt, opt_state, values in zip(extra_optimizers, state.get("extra_optimizers", []),
-                                              state.get("extra_optimizer_params", [])):
-                for p, v in zip(_optimizer_params(opt), values):
-                    p.data.copy_(v)
-                opt.load_state_dict(opt_state)
-            self._say(f"{self.desc}: resumed after epoch {start_epoch} from {ckpt_path}")
+            start_epoch = self._load_checkpoint(ckpt_path, net, optimizer, gen, result, extra, own_optimizers,
+                                                task, callbacks, device)
+            loop.step, loop.stop_reason = result.steps, result.stopped
+            self._say(f"{self.desc}: resumed after epoch {start_epoch} from {ckpt_path}"
+                      + (f" (training had stopped: {result.stopped})" if result.stopped else ""))
 
         show_bar = not self.quiet and sys.stderr.isatty()
         t_start = time.perf_counter()
         for epoch in range(start_epoch, cfg.epochs):
+            if loop.stop_reason:
+                break
+            loop.epoch = epoch + 1
             net.train()
             t0 = time.perf_counter()
             order = torch.randperm(n, generator=gen) if cfg.shuffle else torch.arange(n)
@@ -190,9 +184,7 @@ class Trainer:
                        disable=not show_bar, dynamic_ncols=True)
             for step in range(steps_per_epoch):
                 idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-                x, y = images[idx], labels[idx]
-                if batch_hook is not None:
-                    x, y = batch_hook(x, y, gen)
+                x, y = task.before_augment(images[idx], labels[idx], gen)
                 if augment is not None:
                     x = augment(x, gen)
                 inputs = classifier.prepare(x)
@@ -201,16 +193,17 @@ class Trainer:
                 lr = cfg.lr * schedule.factor(epoch + step / steps_per_epoch, cfg.epochs)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
-                    logits = net(inputs)
-                    loss, terms = objective(logits, inputs, y)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    logits = task.forward(classifier, inputs)
+                    loss, terms = task.loss(logits, inputs, y)
                 optimizer.zero_grad(set_to_none=True)
-                for opt in extra_optimizers:
+                for opt in own_optimizers:
                     opt.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                for opt in extra_optimizers:
+                for opt in own_optimizers:
                     opt.step()
+                task.after_step()
                 bs = len(y)
                 seen += bs
                 loss_sum += loss.detach() * bs
@@ -219,11 +212,12 @@ class Trainer:
                 for k, v in terms.items():
                     term_sums[k] = term_sums.get(k, 0) + v.detach() * bs
                 result.steps += 1
-                if step_hooks:
+                loop.step = result.steps
+                if want_steps:
                     info = {"epoch": epoch + 1, "step": result.steps, "loss": loss.item(),
                             "correct": int(batch_correct), "batch_size": bs}
-                    for hook in step_hooks:
-                        hook(info)
+                    for cb in callbacks:
+                        cb.on_step(loop, info)
                 if show_bar and (step % 10 == 0 or step == steps_per_epoch - 1):
                     elapsed = time.perf_counter() - t0
                     bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", img_s=f"{seen / max(elapsed, 1e-9):.0f}")
@@ -231,6 +225,8 @@ class Trainer:
                     bar.update(1)
                 if step % 50 == 49 and not torch.isfinite(loss_sum):
                     self._diverged(epoch, step, ckpt_path, bar)
+                if loop.stop_reason:
+                    break
             bar.close()
             if not torch.isfinite(loss_sum):
                 self._diverged(epoch, steps_per_epoch - 1, ckpt_path, bar)
@@ -238,17 +234,19 @@ class Trainer:
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss": loss_sum.item() / seen,
                       "train_acc": correct.item() / seen, "images_per_s": seen / seconds, "seconds": seconds}
             record.update({k: float(v) / seen for k, v in term_sums.items()})
-            if eval_fn is not None:
-                record.update(eval_fn(classifier))
-                net.train()
-            for hook in epoch_hooks:
-                hook(record, optimizer)
+            if loop.stop_reason and seen < n:
+                record["stopped_after_step"] = loop.step
+            for cb in callbacks:
+                cb.on_epoch_end(loop, record)
             result.history.append(record)
+            result.stopped = loop.stop_reason
             self._say(self._epoch_line(record))
             if ckpt_path:
-                self._save_checkpoint(ckpt_path, net, optimizer, gen, epoch, result, list(extra_params),
-                                      extra_optimizers)
-        result.epochs = cfg.epochs
+                self._save_checkpoint(ckpt_path, net, optimizer, gen, epoch, result, extra, own_optimizers,
+                                      task, callbacks)
+        if result.stopped:
+            self._say(f"{self.desc}: stopped after epoch {len(result.history)}: {result.stopped}")
+        result.epochs = len(result.history) if result.stopped else cfg.epochs
         result.seconds = time.perf_counter() - t_start
         if cfg.channels_last:
             net.to(memory_format=torch.contiguous_format)
@@ -266,16 +264,57 @@ class Trainer:
             tqdm.write(msg, file=sys.stderr)
 
     @staticmethod
-    def _save_checkpoint(path: Path, net, optimizer, gen, epoch, result: TrainResult, extra, extra_optimizers=()):
+    def _save_checkpoint(path: Path, net, optimizer, gen, epoch, result: TrainResult, extra, own_optimizers,
+                         task: Task, callbacks: list[Callback]):
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
                  "torch_rng": torch.get_rng_state(), "epoch": epoch, "steps": result.steps,
-                 "history": result.history, "extra": [p.detach() for p in extra],
-                 "extra_optimizers": [opt.state_dict() for opt in extra_optimizers],
-                 "extra_optimizer_params": [[p.detach() for p in _optimizer_params(opt)] for opt in extra_optimizers]}
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                 "history": result.history, "stopped": result.stopped, "extra": [p.detach() for p in extra],
+                 "own_optimizers": [opt.state_dict() for opt in own_optimizers],
+                 "own_optimizer_params": [[p.detach() for p in _optimizer_params(opt)] for opt in own_optimizers],
+                 "task": task.state_dict(), "callbacks": [cb.state_dict() for cb in callbacks]}
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
+
+    def _load_checkpoint(self, path: Path, net, optimizer, gen, result: TrainResult, extra, own_optimizers,
+                         task: Task, callbacks: list[Callback], device) -> int:
+        """Restores everything ``_save_checkpoint`` wrote; returns the epoch to continue from."""
+        try:
+            state = torch.load(path, map_location=device, weights_only=True)
+            net.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except Exception as exc:  # a truncated or foreign file: say which and what to do
+            raise UserError(f"cannot resume from {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}; "
+                            "delete it to start the stage again") from None
+        saved_callbacks = state.get("callbacks", [])
+        # Stateless callbacks (progress columns) may come and go; stateful ones must line up.
+        if len(saved_callbacks) != len(callbacks) and any(cb.state_dict() for cb in callbacks):
+            raise UserError(f"cannot resume from {path}: it holds the state of {len(saved_callbacks)} callbacks, "
+                            f"this run has {len(callbacks)}; delete it to start the stage again")
+        # Random states are CPU byte tensors, whatever map_location put the rest on.
+        gen.set_state(state["generator"].cpu())
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+        result.history = list(state["history"])
+        result.steps = int(state["steps"])
+        result.stopped = state.get("stopped")
+        result.resumed_from = int(state["epoch"]) + 1
+        with torch.no_grad():
+            for p, v in zip(extra, state.get("extra", [])):
+                p.copy_(v)
+            for opt, values in zip(own_optimizers, state.get("own_optimizer_params", [])):
+                for p, v in zip(_optimizer_params(opt), values):
+                    p.copy_(v)
+        for opt, opt_state in zip(own_optimizers, state.get("own_optimizers", [])):
+            opt.load_state_dict(opt_state)
+        task.load_state_dict(state.get("task", {}))
+        for cb, cb_state in zip(callbacks, saved_callbacks):
+            if cb_state:
+                cb.load_state_dict(cb_state)
+        return result.resumed_from
 
     @staticmethod
     def _diverged(epoch, step, ckpt_path, bar):
