@@ -14,10 +14,19 @@ from backdoor_eraser.training.precision import FP32_ENV
 # The suite's trajectories must not depend on whether the host has native bf16: ``--amp auto`` means
 # fp32 here (and in the worker processes the grid tests start). Tests of the choice itself mock it.
 os.environ[FP32_ENV] = "1"
+# Float reductions are split by the intra-op thread count, so small-budget trajectories (the demo model,
+# Neural Cleanse's masks) differ between a 2-core and a 16-core host: every test, and every CLI or
+# worker process it starts, computes with the thread count the expectations were measured with.
+TEST_THREADS = int(os.environ.get("BACKDOOR_ERASER_TEST_THREADS", "2"))
+os.environ["OMP_NUM_THREADS"] = str(TEST_THREADS)
 
 from backdoor_eraser.attacks.base import Attack, TriggeredTestSet  # noqa: E402
 from backdoor_eraser.classifier import Classifier  # noqa: E402
 from backdoor_eraser.data.dataset import DataSplits, ImageDataset  # noqa: E402
+
+import torch  # noqa: E402
+
+torch.set_num_threads(TEST_THREADS)
 
 
 @dataclass
@@ -82,3 +91,10 @@ def interrupt_after_checkpoint(monkeypatch):
         monkeypatch.setattr(Trainer, "_save_checkpoint", staticmethod(save))
 
     return arm
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Which kernels and thread count the numbers above came from (they differ between hosts)."""
+    terminalreporter.write_line(
+        f"host: torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"{TEST_THREADS} test threads of {os.cpu_count()} cores")

@@ -168,7 +168,13 @@ CLEAN_TRAIN = dataclasses.replace(DEMO_ATTACK_TRAIN, epochs=3)
 
 @pytest.fixture(scope="module")
 def nc_backdoored(synthetic_backdoor):
-    return NeuralCleanse(NC_TEST).detect(synthetic_backdoor.model, synthetic_backdoor.clean, quiet=True)
+    # module-scoped fixtures are set up before function-scoped ones, so ``one_thread`` would come too late
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return NeuralCleanse(NC_TEST).detect(synthetic_backdoor.model, synthetic_backdoor.clean, quiet=True)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_nc_reports_progress_in_a_log(synthetic_backdoor, capsys):
@@ -224,10 +230,14 @@ def test_nc_singles_out_the_backdoor_target(nc_backdoored, synthetic_backdoor, t
     assert min(range(10), key=norms.__getitem__) == 0
     assert norms[0] < 0.7 * sorted(norms)[1]
     assert rep.mad_index == rep.anomaly_index[0] > 0.5
-    # ... and sits on the BadNets corner (rows/cols 29–31): the bottom-right 6×6 (3.5 % of the image)
-    # holds a large share of the mask mass
+    # ... and is a compact patch that flips every probe image: its 16 largest mask values (1.6 % of the
+    # image) hold most of the mass (76 % seen). Where the patch lands is not asserted: the model learned its
+    # corner trigger under crop + flip, and at this budget the search found pixels of the bottom-right 6×6
+    # in one run (50 % of the mass, class 0 searched alone) and pixels near rows/cols 9, 25 and 30 in another
+    # (5 %, all ten classes searched: the shared random stream then differs).
     mask = rep.masks[0]
-    assert mask[26:, 26:].sum() > 0.12 * mask.sum()  # 3.4× its area share (35 % seen on 1 thread, 17 % on 2)
+    assert rep.attack_success[0] >= NC_TEST.attack_success
+    assert mask.flatten().topk(16).values.sum() > 0.5 * mask.sum()
     assert save_masks_png(rep, tmp_path / "nc.png").stat().st_size > 0
 
 
