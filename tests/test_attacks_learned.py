@@ -122,7 +122,7 @@ def random_wrn(tmp_path_factory, data):
 
 @pytest.fixture(scope="module")
 def trojannn(random_wrn, data):
-    atk = TrojanNN(TrojanNNConfig(model=str(random_wrn[1]), steps=60, lr=0.05, batch_size=16))
+    atk = TrojanNN(TrojanNNConfig(model=str(random_wrn[1]), steps=60, trigger_lr=0.05, trigger_batch_size=16))
     atk.fit_trigger(data.train, seed=0)
     return atk
 
@@ -190,7 +190,7 @@ def test_trojannn_mask_image(tmp_path, random_wrn, data):
 def test_trojannn_patch_optimisation_resumes_exactly(random_wrn, data, tmp_path, optimizer, interrupt_after_checkpoint):
     """Six steps, one checkpoint each; killed after the third and resumed, Adam's moments or the signed
     steps carry on to the uninterrupted patch."""
-    cfg = TrojanNNConfig(model=str(random_wrn[1]), steps=6, lr=0.05, batch_size=8, optimizer=optimizer)
+    cfg = TrojanNNConfig(model=str(random_wrn[1]), steps=6, trigger_lr=0.05, trigger_batch_size=8, optimizer=optimizer)
     straight = TrojanNN(cfg)
     straight.fit_trigger(data.train, seed=2)
     interrupt_after_checkpoint(3)
@@ -311,3 +311,27 @@ def test_input_aware_rejects_bad_sizes():
         tiny_input_aware().build((1, 28, 30))
     with pytest.raises(UserError, match="cross_rate"):
         InputAware(InputAwareConfig(rate=0.6, cross_rate=0.6))
+
+
+def test_attack_parameters_do_not_hide_behind_training_flags():
+    """The CLI's training flags (--lr, --batch-size, --step-size, ...) are TrainConfig's fields; an attack
+    field of the same name could never be set from the command line. Only ``amp`` is shared on purpose:
+    it follows --amp (run_attack)."""
+    import dataclasses
+
+    from backdoor_eraser import attacks
+    from backdoor_eraser.training import TrainConfig
+
+    train = {f.name for f in dataclasses.fields(TrainConfig)}
+    for name in attacks.names():
+        own = {f.name for f in dataclasses.fields(attacks.ATTACKS.config_class(name))}
+        assert own & train <= {"amp"}, (name, own & train)
+
+
+def test_run_folders_with_the_old_field_names_still_load():
+    from backdoor_eraser import attacks
+
+    cl = attacks.from_description({"name": "clean-label", "config": {"step_size": 3.0, "corners": "four-corners"}})
+    assert cl.config.pgd_step_size == 3.0
+    tn = attacks.from_description({"name": "trojannn", "config": {"lr": 0.05, "batch_size": 16}})
+    assert (tn.config.trigger_lr, tn.config.trigger_batch_size) == (0.05, 16)

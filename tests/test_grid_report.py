@@ -192,7 +192,7 @@ def test_report_files(tmp_path):
     md = paths["md"].read_text()
     assert "## cifar10 / wrn-16-1 / 5 % clean data" in md
     assert "| badnets | nad | 3 | 82.00 ± 2.00 | 8.00 ± 2.00 | 4.00 ± 2.00 | 70.00 ± 0.00 | 94.00 ± 0.00 | — | — |" in md
-    assert "| badnets | sage | 1 | 83.00 | 7.00 | — | 70.00 | — | +3.00 | — | 1 done, 2 missing |" in md
+    assert "| badnets | sage | 1 | 83.00 | 7.00 | — | 70.00 | — | — | — | +3.00 | — | 1 done, 2 missing |" in md
     assert "+5.00 ± 0.00 | +37.00 ± 15.56 | 2 done, 1 failed: RuntimeError: out of memory |" in md
     assert "0 done, 1 failed: RuntimeError: wanet warp \\| broke" in md  # a pipe cannot split the row
     assert "| wanet | nad | 0 |" in md and "0 done, 1 missing" in md
@@ -279,3 +279,23 @@ def test_headless_browser_renders_the_report(full_report, tmp_path):
         assert img.convert("RGB").getcolors(1) is None  # more than one colour: something was drawn
     dom = dump_dom(paths["html"])
     assert f'<table id="{TABLE_ID}">' in dom and "82.00 ± 2.00" in dom and 'id="wall-time"' in dom
+
+
+def test_validation_columns_are_aggregated_and_reported(tmp_path):
+    """The val columns (training images outside the clean subset) are means over seeds of the cells'
+    ``val`` metrics; cells without them leave the columns empty."""
+    before = {**BEFORE_BADNETS, "val": {"acc": 0.95, "asr": 1.0}}
+    rows = [defended("badnets", "nad", s, before, 0.8, 0.02) for s in range(3)]
+    for row, (acc, asr) in zip(rows, ((0.90, 0.02), (0.92, 0.04), (0.94, 0.06))):
+        row["metrics"]["val"] = {"acc": acc, "asr": asr}
+    rows.append(defended("badnets", "finetune", 0, BEFORE_BADNETS, 0.85, 0.5))
+    g = by_name(summarize(rows))
+    assert g["badnets", "nad"]["val_acc_drop_mean"] == pytest.approx(0.03)
+    assert g["badnets", "nad"]["val_acc_drop_sd"] == pytest.approx(0.02)
+    assert g["badnets", "nad"]["val_asr_mean"] == pytest.approx(0.04)
+    assert g["badnets", "backdoored"]["val_asr_mean"] == pytest.approx(1.0)
+    assert g["badnets", "finetune"]["val_acc_drop_mean"] is None
+    md = write_report(rows, tmp_path, figures=False)["md"].read_text()
+    assert "| val ACC drop | val ASR |" in md
+    assert ("| badnets | nad | 3 | 80.00 ± 0.00 | 10.00 ± 0.00 | 2.00 ± 0.00 | 70.00 ± 0.00 | 94.00 ± 0.00 "
+            "| 3.00 ± 2.00 | 4.00 ± 2.00 |") in md

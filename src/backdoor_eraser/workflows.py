@@ -14,7 +14,7 @@ from . import attacks, defenses
 from .classifier import Classifier, Normalization
 from .data import load_dataset
 from .data.dataset import DataSplits
-from .data.subset import select_clean_subset
+from .data.subset import select_clean_subset, select_validation
 from .errors import NonFiniteModel, UserError
 from .metrics import evaluate, format_table
 from .registry import config_to_dict
@@ -93,7 +93,12 @@ def run_attack(*, dataset: str, data_dir: str | None, arch: str, attack: str, at
     train = train or TrainConfig(**{**ATTACK_TRAINING, "seed": seed})
     train.check()
     resolve_amp(train.amp, dev, strict=train.amp_strict)  # fail before any work
-    atk = attacks.create(attack, **(attack_params or {}))
+    params = dict(attack_params or {})
+    if "amp" in {f.name for f in dataclasses.fields(attacks.ATTACKS.config_class(attack))}:
+        # Its own optimisation (input-aware's generators, TrojanNN's patch) runs in the training's
+        # precision unless told otherwise: one --amp flag for the whole job.
+        params.setdefault("amp", train.amp)
+    atk = attacks.create(attack, **params)
     norm = Normalization.parse(normalization)
     begin_job(out, {"kind": "attack", "attack": atk.describe(), "seed": seed, "arch": arch,
                     "normalization": norm.to_dict(), "dataset": {"name": dataset, "options": data_options or {}},
@@ -240,13 +245,17 @@ def run_purify(*, model: str | Path, method: str, out: str | Path, defense_param
     else:
         say(f"{defense.name}: {len(clean)} clean images ({len(clean) / len(splits.train):.1%} of the training set, "
             f"seed {seed})", quiet)
-    before = evaluate(src, splits.test, atk, triggered, name=f"model {model}")
+    val = validation_set(splits, idx, meta)
+    val_triggered = atk.triggered_test_set(val) if atk else None
+    before = {**evaluate(src, splits.test, atk, triggered, name=f"model {model}"),
+              "val": validation_metrics(src, val, atk, val_triggered)}
     eval_fn = (lambda m: evaluate(m, splits.test, atk, triggered, name=f"the model in training for {out}")) \
         if epoch_eval else None
     t0 = time.perf_counter()
     result = defense.purify(src, clean, run_dir=out, resume=resume, eval_fn=eval_fn, quiet=quiet)
     wall = time.perf_counter() - t0
     after = final_metrics(result.model, splits, atk, triggered, f"the model purified for {out}")
+    after["val"] = validation_metrics(result.model, val, atk, val_triggered)
     metrics = {**after, "before": before, "wall_seconds": wall, **{k: v for k, v in result.info.items()
                                                                   if k in ("epochs", "steps", "total_epochs", "total_steps")}}
     source = {"model": str(Path(model).resolve()), "model_sha256": model_sha, "attack": atk.describe() if atk else None,
@@ -264,6 +273,18 @@ def run_purify(*, model: str | Path, method: str, out: str | Path, defense_param
     save_run(out, result.model, run_meta, metrics=metrics, history=result.history,
              trigger_state=atk.trigger_state() if atk else None)
     return metrics
+
+
+def validation_set(splits: DataSplits, clean_idx: torch.Tensor, meta: dict):
+    """Training images outside the clean subset and outside the attack's poisoned ones
+    (``select_validation``): what defaults are chosen on, never the test split."""
+    exclude = torch.cat([clean_idx, torch.as_tensor(meta.get("poison_indices") or [], dtype=torch.int64)])
+    return splits.train.subset(select_validation(len(splits.train), exclude), name=f"{splits.train.name}-val")
+
+
+def validation_metrics(model: Classifier, val, atk, triggered) -> dict:
+    m = evaluate(model, val, atk, triggered, name="the model on the validation images")
+    return {k: m[k] for k in ("acc", "asr", "ra", "n_test") if k in m}
 
 
 def poisoned_set_for(meta: dict, atk, splits: DataSplits):

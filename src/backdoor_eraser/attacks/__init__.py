@@ -37,9 +37,16 @@ def names() -> list[str]:
     return ATTACKS.names()
 
 
+# Fields renamed because a training flag of the same name (--step-size, --lr, --batch-size) shadowed them
+# on the command line; run folders written before keep their old names in meta.json.
+RENAMED_FIELDS = {"clean-label": {"step_size": "pgd_step_size"},
+                  "trojannn": {"lr": "trigger_lr", "batch_size": "trigger_batch_size"}}
+
+
 def from_description(desc: dict, trigger_state: dict | None = None) -> Attack:
     """Rebuild an attack from the ``{"name", "config"}`` stored in a run's meta.json."""
-    attack = create(desc["name"], **desc.get("config", {}))
+    renamed = RENAMED_FIELDS.get(desc["name"], {})
+    attack = create(desc["name"], **{renamed.get(k, k): v for k, v in desc.get("config", {}).items()})
     if trigger_state:
         attack.load_trigger_state(trigger_state)
     return attack

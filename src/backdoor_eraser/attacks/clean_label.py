@@ -26,7 +26,7 @@ class CleanLabelConfig(PoisonConfig):
     ℓ∞ ``surrogate_epsilon`` = 8/255, ``surrogate_steps`` = 7 steps of ``surrogate_step`` = 2/255, for
     ``surrogate_epochs``), ``standard`` (plain training; faster, not faithful), ``none`` (no
     perturbation: the NAD in-repo ``cleanLabel``, not faithful) or a path to a run folder/checkpoint.
-    Poisoning PGD: ℓ∞ ``epsilon`` = 16/255, ``step_size`` = 2/255, ``steps`` = 100, no random start.
+    Poisoning PGD: ℓ∞ ``epsilon`` = 16/255, ``pgd_step_size`` = 2/255, ``steps`` = 100, no random start.
     ε and steps are in grey levels (/255). Trigger: ``corners`` ``four-corners`` (default: the grid
     mirrored into each corner, Turner et al.'s answer to flips, and the ANP recipe) or ``bottom-right``
     (the spec's one corner: it failed under crop + flip, 0.4 % ASR in zoo/fragile); ``amplitude`` None
@@ -47,7 +47,7 @@ class CleanLabelConfig(PoisonConfig):
     surrogate_step: float = 2.0
     surrogate_steps: int = 7
     epsilon: float = 16.0
-    step_size: float = 2.0
+    pgd_step_size: float = 2.0
     steps: int = 100
     pgd_batch_size: int = 256
 
@@ -145,8 +145,8 @@ class CleanLabel(Attack):
         a = config.amplitude
         if a is not None and not (isinstance(a, (int, float)) and a == int(a) and 1 <= a <= 255):
             raise UserError(f"clean-label amplitude must be None or an integer in 1..255, got {a!r}")
-        if config.epsilon < 0 or config.step_size < 0 or config.steps < 0:
-            raise UserError("clean-label epsilon, step_size and steps must be ≥ 0")
+        if config.epsilon < 0 or config.pgd_step_size < 0 or config.steps < 0:
+            raise UserError("clean-label epsilon, pgd_step_size and steps must be ≥ 0")
         super().__init__(config)
         self.surrogate: Classifier | None = None
         self._indices: torch.Tensor | None = None    # original dataset indices, sorted
@@ -212,7 +212,7 @@ class CleanLabel(Attack):
         for i in range(0, len(images), cfg.pgd_batch_size):
             x = images[i:i + cfg.pgd_batch_size]
             adv = pgd(model, x.to(model.device).float() / 255, labels[i:i + len(x)].to(model.device),
-                      epsilon=cfg.epsilon / 255, step=cfg.step_size / 255, steps=cfg.steps)
+                      epsilon=cfg.epsilon / 255, step=cfg.pgd_step_size / 255, steps=cfg.steps)
             adv = (adv * 255).round_().cpu()
             # Rounding must not step outside the ε-ball in grey levels.
             base = x.float()

@@ -27,8 +27,8 @@ class TrojanNNConfig(PoisonConfig):
     ``block3``). ``neurons``: channel indices; empty picks ``num_neurons`` automatically (see
     :class:`TrojanNN`). Mask: a ``size``×``size`` square at the bottom-right, or ``mask_image``
     (an image file resized to the images and thresholded at 0.5). Optimisation: ``steps`` of
-    ``optimizer`` ``adam`` or ``sign`` (signed gradient) with ``lr`` in [0, 1] pixel units, on
-    ``batch_size`` training images (``background`` ``data``) or a black canvas (``zeros``), in the
+    ``optimizer`` ``adam`` or ``sign`` (signed gradient) with ``trigger_lr`` in [0, 1] pixel units, on
+    ``trigger_batch_size`` training images (``background`` ``data``) or a black canvas (``zeros``), in the
     trainer's precision ``amp``. Poisoned-label all2one 10 %, target 0."""
 
     target: int = 0
@@ -42,9 +42,9 @@ class TrojanNNConfig(PoisonConfig):
     mask_image: str | None = None
     steps: int = 500
     optimizer: str = "adam"
-    lr: float = 0.01
+    trigger_lr: float = 0.01
     background: str = "data"
-    batch_size: int = 64
+    trigger_batch_size: int = 64
     amp: str = "auto"
 
 
@@ -132,8 +132,8 @@ class TrojanNN(Attack):
             raise UserError(f"trojannn optimizer must be one of {', '.join(OPTIMIZERS)}, got {config.optimizer!r}")
         if config.background not in BACKGROUNDS:
             raise UserError(f"trojannn background must be one of {', '.join(BACKGROUNDS)}, got {config.background!r}")
-        if config.size < 1 or config.num_neurons < 1 or config.steps < 0 or config.batch_size < 1:
-            raise UserError("trojannn size, num_neurons and batch_size must be ≥ 1 and steps ≥ 0")
+        if config.size < 1 or config.num_neurons < 1 or config.steps < 0 or config.trigger_batch_size < 1:
+            raise UserError("trojannn size, num_neurons and trigger_batch_size must be ≥ 1 and steps ≥ 0")
         super().__init__(config)
         self.mask: torch.Tensor | None = None    # bool 1×H×W
         self.patch: torch.Tensor | None = None   # uint8 C×H×W, zero off the mask
@@ -198,7 +198,7 @@ class TrojanNN(Attack):
         mask = self.build_mask(h, w)
         g = torch.Generator().manual_seed(seed)
         if cfg.background == "data":
-            pick = torch.randperm(len(train), generator=g)[:cfg.batch_size]
+            pick = torch.randperm(len(train), generator=g)[:cfg.trigger_batch_size]
             canvas = ImageDataset(train.images[pick], train.labels[pick], train.classes)
         else:
             canvas = ImageDataset(torch.zeros(1, c, h, w, dtype=torch.uint8), torch.zeros(1), train.classes)
@@ -217,13 +217,13 @@ class TrojanNN(Attack):
                 start = activation(p)
             neurons, rule = self.choose_neurons(model.net, layer, start)
             initial = start[:, neurons].mean().item()
-            adam = torch.optim.Adam([p], lr=cfg.lr) if cfg.optimizer == "adam" else None
+            adam = torch.optim.Adam([p], lr=cfg.trigger_lr) if cfg.optimizer == "adam" else None
             if adam is None:
                 p.register_hook(torch.sign)  # the loop's SGD on the gradient's sign: signed gradient ascent
             # The loop only counts the steps: every step is the whole canvas, which activation() holds.
             task = Task(lambda act, inputs, labels: (-act[:, neurons].mean(), {}), forward=lambda clf, x: activation(p),
                         after_step=lambda: p.detach().clamp_(0, 1), optimizers=[adam] if adam else [])
-            train_cfg = TrainConfig(epochs=cfg.steps, batch_size=len(canvas), lr=cfg.lr, momentum=0.0, nesterov=False,
+            train_cfg = TrainConfig(epochs=cfg.steps, batch_size=len(canvas), lr=cfg.trigger_lr, momentum=0.0, nesterov=False,
                                     weight_decay=0.0, augment="none", shuffle=False, seed=seed, amp=cfg.amp)
             Trainer(train_cfg, desc="trojannn patch", quiet=True).fit(
                 Classifier(patch, "trojannn-patch", train.classes, input_shape=train.shape), canvas, task=task,

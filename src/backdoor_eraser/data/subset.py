@@ -52,3 +52,23 @@ def clean_subset(dataset: ImageDataset, *, fraction: float | None = None, count:
     idx = select_clean_subset(dataset.labels, fraction=fraction, count=count, seed=seed,
                               num_classes=dataset.num_classes)
     return dataset.subset(idx, name=f"{dataset.name}-clean")
+
+
+# Fixed, so that every clean-subset seed is judged on (nearly) the same images.
+VALIDATION_SEED = 20211
+VALIDATION_COUNT = 2000
+
+
+def select_validation(n_train: int, exclude: torch.Tensor | list[int], *, count: int = VALIDATION_COUNT,
+                      seed: int = VALIDATION_SEED) -> torch.Tensor:
+    """Indices (sorted) of ``count`` training images outside ``exclude`` (the clean subset, and the
+    poisoned images where known): the developers' validation set.
+
+    A defense never sees them. They let defaults be chosen without the test split: ACC on them (of
+    images the backdoored model trained on, so a proxy for how much a defense damages it) and, triggered,
+    ASR. The test split stays for reporting only."""
+    keep = torch.ones(n_train, dtype=torch.bool)
+    keep[torch.as_tensor(exclude, dtype=torch.int64)] = False
+    pool = torch.nonzero(keep).flatten()
+    g = torch.Generator().manual_seed(seed)
+    return torch.sort(pool[torch.randperm(len(pool), generator=g)[: min(count, len(pool))]]).values

@@ -233,8 +233,9 @@ class ARGD(Defense):
 
     def purify(self, model, clean, *, run_dir=None, resume=False, eval_fn=None, quiet=False, teacher=None
                ) -> PurifyResult:
-        cfg = self.config.resolved()
         run_dir = Path(run_dir) if run_dir else None
+        cfg, probe = self.fitted_config(model, clean, run_dir, quiet)
+        cfg = cfg.resolved()
         train = cfg.train_config(milestones=cfg.milestones)
         info: dict = {"node_beta": list(cfg.node_beta), "node_distance": cfg.node_distance,
                       "node_beta_note": "equal weights, MSE scale, NAD's magnitude"
@@ -243,7 +244,7 @@ class ARGD(Defense):
                       "edge_weight": cfg.edge_weight, "embed_weight": cfg.embed_weight,
                       "embeddings": "learnt" if cfg.learn_embeddings else "frozen at random init",
                       "release_compat": cfg.release_compat, "schedule": cfg.schedule,
-                      "milestones": list(cfg.milestones), "attention": cfg.attention, "p": cfg.p}
+                      "milestones": list(cfg.milestones), "attention": cfg.attention, "p": cfg.p, "lr_probe": probe}
         if teacher is None:
             teacher, t_info = make_teacher(model, clean, dataclasses.replace(train, epochs=cfg.teacher_epochs),
                                            kind=cfg.teacher, arch=cfg.teacher_arch,

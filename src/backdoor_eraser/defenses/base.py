@@ -1,6 +1,7 @@
 """What every defense is: ``purify(model, clean_subset) -> PurifyResult``."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -8,6 +9,7 @@ from ..classifier import Classifier
 from ..data.dataset import ImageDataset
 from ..registry import config_to_dict, json_ready
 from ..training import TrainConfig
+from .lr_choice import cached_probe, check_factors
 
 
 @dataclass
@@ -19,6 +21,12 @@ class DefenseTrainConfig(TrainConfig):
 
     schedule: str = "step"
     augment: str = "crop+flip+cutout"
+    # lr × the factor a one-epoch probe on the clean subset picks (defenses/lr_choice.py): the schedule
+    # then fits the model instead of assuming the releases' weight norms.
+    auto_lr: bool = False
+    lr_factors: tuple[float, ...] = (1.0, 0.5, 0.2, 0.1, 0.05)
+    lr_tolerance: float = 0.05
+    lr_held_out: float = 0.2
 
 
 # The NAD family's optimiser, written out in full in every preset so that a later change of a default
@@ -69,6 +77,18 @@ class Defense:
         self.config = config
         self.preset: str | None = None
         self.explicit: dict = {}
+
+    def fitted_config(self, model: Classifier, clean: ImageDataset, run_dir: Path | None = None,
+                      quiet: bool = False) -> tuple:
+        """(config, lr-probe record): the config itself, or with ``auto_lr`` a copy whose lr is scaled
+        by the probe's factor (kept in the run folder, so a resumed run scales the same way)."""
+        cfg = self.config
+        if not getattr(cfg, "auto_lr", False):
+            return cfg, None
+        check_factors(cfg.lr_factors, cfg.lr_tolerance)
+        choice = cached_probe(model, clean, cfg.train_config(), run_dir, factors=cfg.lr_factors,
+                              tolerance=cfg.lr_tolerance, held_out=cfg.lr_held_out, quiet=quiet)
+        return dataclasses.replace(cfg, lr=choice.lr), choice.to_dict()
 
     def purify(self, model: Classifier, clean: ImageDataset, *, run_dir: str | Path | None = None,
                resume: bool = False, eval_fn=None, quiet: bool = False) -> PurifyResult:

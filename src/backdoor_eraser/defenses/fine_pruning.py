@@ -163,11 +163,13 @@ class FinePruning(Defense):
     def purify(self, model, clean, *, run_dir=None, resume=False, eval_fn=None, quiet=False) -> PurifyResult:
         t0 = time.perf_counter()
         pruned, pruner, channels, info = self.prune(model, clean)
+        run_dir = Path(run_dir) if run_dir else None
+        # The probe runs on the pruned model: that is the one the fine-tuning restarts.
+        cfg, info["lr_probe"] = self.fitted_config(pruned, clean, run_dir, quiet)
         handles = pruner.freeze(pruned.net, channels)
         try:
-            res = Trainer(self.config.train_config(), desc="fine-pruning", quiet=quiet).fit(
-                pruned, clean, callbacks=eval_columns(eval_fn), run_dir=Path(run_dir) if run_dir else None,
-                resume=resume)
+            res = Trainer(cfg.train_config(), desc="fine-pruning", quiet=quiet).fit(
+                pruned, clean, callbacks=eval_columns(eval_fn), run_dir=run_dir, resume=resume)
         finally:
             for h in handles:
                 h.remove()

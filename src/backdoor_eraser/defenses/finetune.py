@@ -26,9 +26,10 @@ class Finetune(Defense):
     presets = {"paper": dict(NAD_PAPER_SCHEDULE), "release": dict(NAD_RELEASE_SCHEDULE)}
 
     def purify(self, model, clean, *, run_dir=None, resume=False, eval_fn=None, quiet=False) -> PurifyResult:
+        run_dir = Path(run_dir) if run_dir else None
+        cfg, probe = self.fitted_config(model, clean, run_dir, quiet)
         student = model.copy()
-        trainer = Trainer(self.config.train_config(), desc="finetune", quiet=quiet)
-        res = trainer.fit(student, clean, callbacks=eval_columns(eval_fn), run_dir=Path(run_dir) if run_dir else None,
-                          resume=resume)
+        trainer = Trainer(cfg.train_config(), desc="finetune", quiet=quiet)
+        res = trainer.fit(student, clean, callbacks=eval_columns(eval_fn), run_dir=run_dir, resume=resume)
         return PurifyResult(student, res.history,
-                            {"epochs": res.epochs, "steps": res.steps, "seconds": res.seconds})
+                            {"epochs": res.epochs, "steps": res.steps, "seconds": res.seconds, "lr_probe": probe})

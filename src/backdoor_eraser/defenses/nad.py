@@ -166,9 +166,10 @@ class NAD(Defense):
 
     def purify(self, model, clean, *, run_dir=None, resume=False, eval_fn=None, quiet=False, teacher=None
                ) -> PurifyResult:
-        cfg = self.config
         run_dir = Path(run_dir) if run_dir else None
-        info: dict = {"distance": cfg.distance, "beta": list(cfg.beta), "attention": cfg.attention, "p": cfg.p}
+        cfg, probe = self.fitted_config(model, clean, run_dir, quiet)
+        info: dict = {"distance": cfg.distance, "beta": list(cfg.beta), "attention": cfg.attention, "p": cfg.p,
+                      "lr_probe": probe}
         if teacher is None:
             teacher, t_info = make_teacher(model, clean, cfg.train_config(epochs=cfg.teacher_epochs), kind=cfg.teacher,
                                            arch=cfg.teacher_arch, run_dir=run_dir / "teacher" if run_dir else None,

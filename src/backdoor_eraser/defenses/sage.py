@@ -254,8 +254,8 @@ class SAGE(Defense):
         super().__init__(config)
 
     def purify(self, model, clean, *, run_dir=None, resume=False, eval_fn=None, quiet=False) -> PurifyResult:
-        cfg = self.config
         run_dir = Path(run_dir) if run_dir else None
+        cfg, probe = self.fitted_config(model, clean, run_dir, quiet)
         student = model.copy()
         objective = SelfAttentionDistillation(student, paths=cfg.paths, beta=cfg.beta, p=cfg.p,
                                               function=cfg.attention, normalize=cfg.normalize, distance=cfg.distance,
@@ -272,7 +272,8 @@ class SAGE(Defense):
                 "p": cfg.p, "normalize": cfg.normalize, "distance": cfg.distance,
                 "detach_shallow": cfg.detach_shallow, "sites": objective.sites, "select": cfg.select,
                 "lr_reduced_after_epochs": rule.reduced_at if rule else [], "epochs": res.epochs,
-                "steps": res.steps, "seconds": res.seconds, "total_epochs": res.epochs, "total_steps": res.steps}
+                "steps": res.steps, "seconds": res.seconds, "total_epochs": res.epochs, "total_steps": res.steps,
+                "lr_probe": probe}
         if cfg.select == "clean_loss" and selector.state is not None:
             student.net.load_state_dict(selector.state)
             info.update(selected_epoch=selector.epoch, selected_clean_ce=selector.best)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Iterable
 
-METRICS = ("acc", "asr", "ra", "acc_drop", "der")
+METRICS = ("acc", "asr", "ra", "acc_drop", "der", "val_acc_drop", "val_asr")
 PAIRED = ("acc", "asr")
 BLOCK_KEYS = ("dataset", "arch", "attack", "clean_fraction")
 GROUP_KEYS = BLOCK_KEYS + ("defense",)
@@ -26,8 +26,11 @@ def cell_values(metrics: dict | None) -> dict[str, float | None]:
     m = metrics or {}
     before = m.get("before") or {}
     acc, acc0 = m.get("acc"), before.get("acc")
+    val, val0 = m.get("val") or {}, before.get("val") or {}
     return {"acc": acc, "asr": m.get("asr"), "ra": m.get("ra"),
-            "acc_drop": None if acc is None or acc0 is None else acc0 - acc, "der": der(before, m)}
+            "acc_drop": None if acc is None or acc0 is None else acc0 - acc, "der": der(before, m),
+            "val_acc_drop": None if "acc" not in val or "acc" not in val0 else val0["acc"] - val["acc"],
+            "val_asr": val.get("asr")}
 
 
 def mean_sd(values: Iterable[float | None]) -> tuple[float | None, float | None]:

@@ -77,11 +77,11 @@ def row_classes(g: dict) -> list[str]:
                             ("missing", g["missing"])) if on]
 
 
-TEXT_COLUMNS = {0, 1, 10}  # attack, defense, cells: left-aligned and free to wrap
+TEXT_COLUMNS = {0, 1, 12}  # attack, defense, cells: left-aligned and free to wrap
 
 
 def headers(reference: str) -> list[str]:
-    return ["attack", "defense", "n", "ACC", "ACC drop", "ASR", "RA", "DER",
+    return ["attack", "defense", "n", "ACC", "ACC drop", "ASR", "RA", "DER", "val ACC drop", "val ASR",
             f"Δ ACC vs {reference}", f"Δ ASR vs {reference}", "cells"]
 
 
@@ -90,7 +90,7 @@ def cells(g: dict) -> list[str]:
     d_note = "" if g["d_n"] is None or g["d_n"] == g["n"] else f" (n={g['d_n']})"
     paired = [pct(g[f"d_{m}_mean"], g[f"d_{m}_sd"], signed=True) for m in ("acc", "asr")]
     return ([g["attack"], g["defense"], str(g["n"])]
-            + [pct(g[f"{m}_mean"], g[f"{m}_sd"]) for m in ("acc", "acc_drop", "asr", "ra", "der")]
+            + [pct(g[f"{m}_mean"], g[f"{m}_sd"]) for m in ("acc", "acc_drop", "asr", "ra", "der", "val_acc_drop", "val_asr")]
             + [p + d_note if p != "—" else p for p in paired] + [status(g)])
 
 
@@ -126,6 +126,7 @@ def markdown(summary: list[dict], times: list[dict], invocations: Iterable[dict]
              dets: list[dict] | None = None) -> str:
     lines = [f"# {title}", "", "Mean ± sd over seeds, in %. ACC drop = backdoored ACC − ACC; "
              "DER = [max(0, ΔASR) − max(0, ΔACC) + 1] / 2 (BackdoorBench); "
+             "val = the same on 2,000 training images outside the clean subset (what defaults are chosen on); "
              f"Δ = defense − {reference} over the seeds both finished.", ""]
     for (dataset, arch, cf), groups in tables(summary).items():
         lines += [f"## {dataset} / {arch} / {fraction_label(cf)}", ""]
