@@ -109,7 +109,8 @@ def test_none_asr_and_single_seed():
 def test_backdoored_rows_come_from_before_metrics():
     g = by_name(summarize(make_rows()))
     bd = g["badnets", "backdoored"]
-    assert bd["role"] == "backdoored" and bd["n"] == 6  # 3 nad + 2 finetune + 1 sage done cells
+    # 6 done defense cells over seeds 0-2: one backdoored entry per seed
+    assert bd["role"] == "backdoored" and bd["n"] == 3 and bd["seeds"] == [0, 1, 2]
     assert bd["acc_mean"] == pytest.approx(0.90) and bd["acc_sd"] == pytest.approx(0.0, abs=1e-12)
     assert bd["asr_mean"] == pytest.approx(1.0) and bd["acc_drop_mean"] is None and bd["der_mean"] is None
     assert (bd["failed"], bd["missing"]) == (0, 0)

@@ -99,8 +99,11 @@ def _blocks(rows: list[dict]) -> dict[tuple, dict[str, _Group]]:
             continue
         group.done.append((seed, cell_values(row["metrics"])))
         before = (row["metrics"] or {}).get("before")
-        if before:
-            block[BACKDOORED].done.append((seed, {**cell_values(before), "acc_drop": None, "der": None}))
+        backdoored = block[BACKDOORED]
+        # Every defense cell of a seed scores the same backdoored model: one entry per seed, so that n
+        # counts seeds, not cells.
+        if before and all(s != seed for s, _ in backdoored.done):
+            backdoored.done.append((seed, {**cell_values(before), "acc_drop": None, "der": None}))
     return blocks
 
 
