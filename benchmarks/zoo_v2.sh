@@ -4,13 +4,14 @@
 # 1e-4, fp32 (the precision benchmark did not show bf16 to cost no accuracy). With wd 5e-4 the same
 # schedule gave a clean model of 84.1 % ACC whose conv weights (squared norm 505) were as small as the
 # fragile zoo's, and lr-0.1 fine-tuning cost it 14 points (zoo/v2-wd5e-4). EPOCHS and MILESTONE
-# override the length for quick checks, AUGMENT the attack's augmentation (none: the NAD release's way). Refool and clean-label use their defaults: one
-# ARGD-style reflection image, and the four-corner trigger.
+# override the length for quick checks, AUGMENT the attack's augmentation (none: the NAD release's
+# way), BATCH the batch size (64 in the NAD and ABL code). Refool and clean-label use their defaults:
+# one ARGD-style reflection image, and the four-corner trigger.
 # Resumable: run it again after an interruption; finished folders are skipped.
 # Usage: benchmarks/zoo_v2.sh DATA_DIR OUT_DIR [name ...]
 set -uo pipefail
 DATA=${1:?data dir}; OUT=${2:?out dir}; shift 2
-RECIPE=(--epochs "${EPOCHS:-60}" --batch-size 128 --lr 0.1 --weight-decay 1e-4 --schedule multistep
+RECIPE=(--epochs "${EPOCHS:-60}" --batch-size "${BATCH:-128}" --lr 0.1 --weight-decay 1e-4 --schedule multistep
         --milestones "${MILESTONE:-40}"
         --gamma 0.1 --augment "${AUGMENT:-crop+flip}" --channels-last --amp none --no-epoch-eval)
 declare -A ARGS=(
