@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from backdoor_eraser.classifier import Classifier
+from backdoor_eraser.data.dataset import ImageDataset
 from backdoor_eraser.defenses.argd import (ARGD, ARGDConfig, AttentionGraphDistillation, RelationEmbedding,
                                            edge_loss, embedding_loss, unit_maps)
 from backdoor_eraser.defenses.attention import attention_distance
@@ -272,3 +273,28 @@ def test_sage_erases_the_synthetic_backdoor_and_selects_by_clean_loss(synthetic_
     # the selection survives a resume: it is part of the loop's checkpoint
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["callbacks"][0]
     assert saved["epoch"] == best["epoch"] and saved["loss"] == pytest.approx(best["clean_ce"])
+
+
+def test_sage_resumes_exactly_with_the_dynamic_lr_mid_schedule(tmp_path, interrupt_after_checkpoint):
+    """Six epochs with the rule checked every 2 epochs; ρ = 2 makes C1 hold at every check, so the lr
+    halves after epochs 2, 4 and 6. A kill after epoch 3 (the rule has acted once and holds half an
+    interval of losses) and a resume give the uninterrupted run's lrs, reductions, selection and weights."""
+    g = torch.Generator().manual_seed(0)
+    data = ImageDataset(torch.randint(0, 256, (48, 3, 16, 16), generator=g).to(torch.uint8),
+                        torch.arange(48) % 10, [str(i) for i in range(10)])
+    cfg = SAGEConfig(epochs=6, lr_interval=2, lr_ratio=2.0, batch_size=16)
+    whole = SAGE(cfg).purify(_clf(), data, run_dir=tmp_path / "whole", quiet=True)
+    assert whole.info["lr_reduced_after_epochs"] == [2, 4, 6]
+    assert [r["lr"] for r in whole.history] == pytest.approx([0.05, 0.05, 0.025, 0.025, 0.0125, 0.0125])
+    interrupt_after_checkpoint(3)
+    with pytest.raises(KeyboardInterrupt):
+        SAGE(cfg).purify(_clf(), data, run_dir=tmp_path / "cut", quiet=True)
+    interrupt_after_checkpoint(10 ** 6)
+    again = SAGE(cfg).purify(_clf(), data, run_dir=tmp_path / "cut", resume=True, quiet=True)
+    keep = ("seconds", "images_per_s")
+    assert [{k: v for k, v in r.items() if k not in keep} for r in again.history] == \
+        [{k: v for k, v in r.items() if k not in keep} for r in whole.history]
+    for key in ("lr_reduced_after_epochs", "selected_epoch", "selected_clean_ce"):
+        assert again.info[key] == whole.info[key], key
+    a, b = again.model.net.state_dict(), whole.model.net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -346,3 +346,55 @@ def test_rnp_unlearning_stop_is_checked_per_step_over_a_window_or_per_epoch():
     assert res.info["unlearn_acc"] is None and not res.info["unlearn_stopped_early"]
     with pytest.raises(UserError, match="unlearn_window"):
         RNPConfig(unlearn_window=-1).check()
+
+
+# --- exact resume of the defenses that used to train in loops of their own ----------------------------------
+
+def _same_weights(a, b):
+    sa, sb = a.net.state_dict(), b.net.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _rows(history, drop=("seconds", "images_per_s")):
+    return [{k: v for k, v in r.items() if k not in drop} for r in history]
+
+
+@pytest.mark.parametrize("kill_after", [1, 3])
+def test_mcr_resumes_exactly_in_either_stage(tmp_path, interrupt_after_checkpoint, kill_after):
+    """One endpoint epoch (checkpoint 1), then three curve epochs (checkpoints 2-4): a kill after the
+    endpoint stage or in the middle of the curve, then a resume, give the uninterrupted curve point."""
+    cfg = MCRConfig(epochs=1, batch_size=16, curve_epochs=3, curve_batch_size=16)
+    model, data = bn_model(), random_data()
+    whole = MCR(cfg).purify(model, data, run_dir=tmp_path / "whole", quiet=True)
+    interrupt_after_checkpoint(kill_after)
+    with pytest.raises(KeyboardInterrupt):
+        MCR(cfg).purify(model, data, run_dir=tmp_path / "cut", quiet=True)
+    interrupt_after_checkpoint(10 ** 6)
+    again = MCR(cfg).purify(model, data, run_dir=tmp_path / "cut", resume=True, quiet=True)
+    assert _same_weights(again.model, whole.model)
+    assert _same_weights(again.artifacts["endpoint"], whole.artifacts["endpoint"])
+    assert _rows(again.history) == _rows(whole.history) and len(whole.history) == 3
+
+
+@pytest.mark.parametrize("kill_after", [1, 3])
+def test_rnp_resumes_exactly_in_either_stage(tmp_path, interrupt_after_checkpoint, kill_after):
+    """Unlearning in epochs of three steps whose stop test looks at the last 48 images (callback state),
+    then two recovery epochs. A kill after unlearning's first epoch or during recovery, and a resume, give
+    the same masks, pruning and records as one uninterrupted run. The bound 0.292 sits just above the
+    accuracy of the window of steps 2-4 seen on an AVX-512 host (14 of 48): the stop then falls on
+    the first step after the kill, which only a resumed window can see."""
+    cfg = RNPConfig(batch_size=16, unlearn_epochs=3, unlearn_acc=0.292, unlearn_window=48, recover_epochs=2,
+                    threshold=0.5)
+    model, data = bn_model(), random_data()
+    whole = RNP(cfg).purify(model, data, run_dir=tmp_path / "whole", quiet=True)
+    interrupt_after_checkpoint(kill_after)
+    with pytest.raises(KeyboardInterrupt):
+        RNP(cfg).purify(model, data, run_dir=tmp_path / "cut", quiet=True)
+    interrupt_after_checkpoint(10 ** 6)
+    again = RNP(cfg).purify(model, data, run_dir=tmp_path / "cut", resume=True, quiet=True)
+    for key in ("masks", "pruned", "unlearn_steps", "unlearn_epochs", "unlearn_stopped_early"):
+        assert again.info[key] == whole.info[key], key
+    assert _same_weights(again.model, whole.model)
+    assert _same_weights(again.artifacts["unlearned"], whole.artifacts["unlearned"])
+    assert _rows(again.history) == _rows(whole.history)
+    assert [r["phase"] for r in whole.history].count("recover") == 2
