@@ -1,4 +1,5 @@
 """Training recipes: augmentation steps (Cutout), defense presets, and the precision choice."""
+import dataclasses
 import json
 
 import pytest
@@ -103,6 +104,10 @@ def test_nad_release_preset_is_the_release_recipe():
     paper = defenses.create("nad", preset="paper").config
     assert paper.epochs == 10 and factors(paper, 10) == [1, 1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001, 0.0001, 0.0001]
     assert paper.beta == (5000.0,) * 3
+    fast, default = defenses.create("nad", preset="fast").config, defenses.create("nad").config
+    assert (fast.epochs, fast.teacher_epochs) == (5, 5) and factors(fast, 5) == [1, 1, 0.1, 0.1, 0.01]
+    # apart from the epochs, fast is the default recipe
+    assert dataclasses.replace(fast, epochs=10, teacher_epochs=10) == default
 
 
 def test_other_presets():
@@ -127,8 +132,8 @@ def test_explicit_values_win_over_a_preset_and_both_are_recorded():
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(UserError, match=r"defense 'nad' has no preset 'fast'; its presets: paper, release"):
-        defenses.create("nad", preset="fast")
+    with pytest.raises(UserError, match=r"defense 'nad' has no preset 'quick'; its presets: fast, paper, release"):
+        defenses.create("nad", preset="quick")
     with pytest.raises(UserError, match="its presets: none"):
         defenses.create("anp", preset="paper")
 
