@@ -652,3 +652,24 @@ def test_the_image_cache_sees_a_file_replaced_by_an_older_one(tmp_path):
         not torch.equal(first.test.images, second.test.images)
     assert (second.train.images == 7).all(dim=(1, 2, 3)).any() or (second.test.images == 7).all(dim=(1, 2, 3)).any()
 
+
+
+@pytest.mark.parametrize("method, params, needle", [
+    ("nad", ["--beta", "1,2"], "beta has 2 weights but there are 3 attention sites"),
+    ("nad", ["--sites", "block1;nope;block3"], "nope"),
+    ("argd", ["--node-beta", "1,2,3,4"], "beta has 4 weights but there are 3 attention sites"),
+    ("sage", ["--beta", "1,2,3"], "beta has 3 weights but there are 2 paths"),
+    ("sage", ["--paths", "0-5"], "SAGE path"),
+])
+def test_distillation_settings_that_cannot_fit_the_model_fail_before_the_teacher(capsys, tmp_path, base, monkeypatch,
+                                                                                 method, params, needle):
+    from backdoor_eraser.training import Trainer
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(Trainer, "fit", no_training)
+    out = tmp_path / "o"
+    assert_error(cli(capsys, "purify", "--model", base, "--method", method, "--clean-count", "20", *params,
+                     "--out", out, *QUIET), needle)
+    assert not out.exists()

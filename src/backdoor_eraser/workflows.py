@@ -230,6 +230,7 @@ def run_purify(*, model: str | Path, method: str, out: str | Path, defense_param
         batch_size = defenses.resolve_params(method, preset, params).get("batch_size")
         params = {**defenses.epoch_budget_params(method, epochs_budget, len(data), batch_size), **params}
     defense = defenses.create(method, preset=preset, **params)
+    defense.check_model(src)  # e.g. one β per attention site, before any teacher is trained
     amp = getattr(defense.config, "amp", None)  # --amp-strict on hardware without bf16 fails here, before any work
     precision = resolve_amp(amp, dev, strict=getattr(defense.config, "amp_strict", False)) if amp else "none"
     clean = data

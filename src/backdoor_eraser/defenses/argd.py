@@ -16,7 +16,7 @@ from ..errors import UserError
 from ..training import Task, Trainer, eval_columns
 from .attention import ATTENTION_FUNCTIONS, DISTANCES, EPS, attention_map, normalize_map
 from .base import NAD_OPTIMISER, Defense, DefenseTrainConfig, PurifyResult, Stage
-from .nad import AttentionDistillation, check_teacher, freeze, make_teacher
+from .nad import AttentionDistillation, check_distillation, check_teacher, freeze, make_teacher
 
 RELEASE_NODE_BETA = (2000.0, 5000.0, 2000.0)
 RELEASE_MILESTONES = (3, 6)
@@ -230,6 +230,11 @@ class ARGD(Defense):
     def __init__(self, config: ARGDConfig):
         config.check()
         super().__init__(config)
+
+    def check_model(self, model):
+        cfg = self.config.resolved()
+        check_distillation(model, cfg.node_beta, sites=cfg.sites, teacher_sites=cfg.teacher_sites,
+                           teacher_arch=cfg.teacher_arch)
 
     def purify(self, model, clean, *, run_dir=None, resume=False, eval_fn=None, quiet=False, teacher=None
                ) -> PurifyResult:

@@ -90,6 +90,10 @@ class Defense:
                               tolerance=cfg.lr_tolerance, held_out=cfg.lr_held_out, quiet=quiet)
         return dataclasses.replace(cfg, lr=choice.lr), choice.to_dict()
 
+    def check_model(self, model: Classifier) -> None:
+        """Refuse, before any training, a config that cannot work on ``model`` (e.g. one β per attention
+        site, sites the network does not have). Builds nothing that outlives the call."""
+
     def purify(self, model: Classifier, clean: ImageDataset, *, run_dir: str | Path | None = None,
                resume: bool = False, eval_fn=None, quiet: bool = False) -> PurifyResult:
         raise NotImplementedError

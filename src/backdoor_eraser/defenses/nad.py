@@ -142,6 +142,17 @@ class AttentionDistillation:
         self.teacher_taps.remove()
 
 
+def check_distillation(model: Classifier, beta, *, sites=None, teacher_sites=None, teacher_arch=None) -> None:
+    """What :class:`AttentionDistillation` would refuse for ``model``, found before the teacher is trained:
+    the sites exist in student and teacher and there is one β per site. The model stands in for a teacher
+    of its own architecture; hooks are removed again."""
+    teacher = model
+    if teacher_arch and teacher_arch != model.arch:
+        with torch.random.fork_rng(devices=[]):  # new_model seeds the global generator
+            teacher = new_model(teacher_arch, model.classes, model.input_shape, model.normalization)
+    AttentionDistillation(model, teacher, beta, sites=sites, teacher_sites=teacher_sites).remove()
+
+
 class NAD(Defense):
     """Neural Attention Distillation: a fine-tuned teacher guides the backdoored student's attention.
 
@@ -168,6 +179,11 @@ class NAD(Defense):
     def __init__(self, config: NADConfig):
         config.check()
         super().__init__(config)
+
+    def check_model(self, model):
+        cfg = self.config
+        check_distillation(model, cfg.beta, sites=cfg.sites, teacher_sites=cfg.teacher_sites,
+                           teacher_arch=cfg.teacher_arch)
 
     def purify(self, model, clean, *, run_dir=None, resume=False, eval_fn=None, quiet=False, teacher=None
                ) -> PurifyResult:

@@ -253,6 +253,10 @@ class SAGE(Defense):
         config.check()
         super().__init__(config)
 
+    def check_model(self, model):
+        cfg = self.config
+        SelfAttentionDistillation(model, paths=cfg.paths, beta=cfg.beta, sites=cfg.sites).remove()
+
     def purify(self, model, clean, *, run_dir=None, resume=False, eval_fn=None, quiet=False) -> PurifyResult:
         run_dir = Path(run_dir) if run_dir else None
         cfg, probe = self.fitted_config(model, clean, run_dir, quiet)
