@@ -178,6 +178,18 @@ def config_to_dict(cfg) -> dict[str, Any]:
     return json_ready(dataclasses.asdict(cfg))
 
 
+def identity_dict(cfg) -> dict[str, Any]:
+    """:func:`config_to_dict` as an identity (the grid's cell hash): without the fields that sit at their
+    ``neutral`` value, the value that does what the code did before the field existed (dataclass field
+    metadata ``{"neutral": v}``), nor the fields whose metadata ``{"with": name}`` ties them to such a
+    field. Adding an optional stage then leaves every stored cell that does not use it valid."""
+    out = config_to_dict(cfg)
+    fields = dataclasses.fields(cfg)
+    idle = {f.name for f in fields if "neutral" in f.metadata and getattr(cfg, f.name) == f.metadata["neutral"]}
+    idle |= {f.name for f in fields if f.metadata.get("with") in idle}
+    return {k: v for k, v in out.items() if k not in idle}
+
+
 def json_ready(obj):
     """Plain JSON values: tensors and numpy scalars become numbers, tuples lists, and NaN/±inf ``None``
     (strict JSON has no tokens for them; a NaN metric means "not defined here", e.g. no such images)."""

@@ -77,6 +77,8 @@ def epoch_budget_params(name: str, budget: int, clean_size: int, batch_size: int
         raise UserError(f"defense {name!r} has no training stages to budget; set its epochs directly")
     out = {}
     for stage in stages:
+        if stage.optional:
+            continue
         if stage.unit == "steps":
             bs = batch_size or DEFENSES.make_config(name).batch_size
             out[stage.length_field] = max(1, -(-budget * clean_size // bs))

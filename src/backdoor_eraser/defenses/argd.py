@@ -15,7 +15,8 @@ from ..classifier import Classifier
 from ..errors import UserError
 from ..training import Task, Trainer, eval_columns
 from .attention import ATTENTION_FUNCTIONS, DISTANCES, EPS, attention_map, normalize_map
-from .base import NAD_OPTIMISER, Defense, DefenseTrainConfig, PurifyResult, Stage
+from .base import NAD_OPTIMISER, Defense, PurifyResult, Stage
+from .recovery import KD_STAGE, RecoverableConfig, recover
 from .nad import AttentionDistillation, check_distillation, check_teacher, freeze, make_teacher
 
 RELEASE_NODE_BETA = (2000.0, 5000.0, 2000.0)
@@ -23,7 +24,7 @@ RELEASE_MILESTONES = (3, 6)
 
 
 @dataclass
-class ARGDConfig(DefenseTrainConfig):
+class ARGDConfig(RecoverableConfig):
     """Loss = CE + Σ_k node_beta_k·node_k + edge_weight·L_E + embed_weight·L_Em (ARGD paper §3.3–3.4).
 
     Node weights: the paper weighs the k nodes equally (L_N = (1/k)·Σ‖·‖₂) on a per-sample L2 scale
@@ -217,7 +218,7 @@ class ARGD(Defense):
     """
 
     name = "argd"
-    stages = (Stage("teacher", "teacher_epochs", "teacher"), Stage("student", "epochs"))
+    stages = (Stage("teacher", "teacher_epochs", "teacher"), Stage("student", "epochs"), KD_STAGE)
     # The paper: lr 0.1, batch 64, 10 epochs, momentum 0.9, the NAD preprocessing (spec §5.5); it gives no
     # schedule, so both presets take the release's steps at epochs 3 and 6.
     presets = {
@@ -274,4 +275,5 @@ class ARGD(Defense):
         info.update(epochs=res.epochs, steps=res.steps, seconds=res.seconds, sites=objective.sites,
                     total_epochs=res.epochs + info.get("teacher_epochs", 0),
                     total_steps=res.steps + info.get("teacher_steps", 0))
-        return PurifyResult(student, res.history, info, {"teacher": teacher})
+        return recover(model, PurifyResult(student, res.history, info, {"teacher": teacher}), clean, cfg,
+                       run_dir=run_dir, resume=resume, quiet=quiet)

@@ -44,12 +44,14 @@ NAD_RELEASE_SCHEDULE = dict(NAD_OPTIMISER, epochs=20, schedule="multistep", mile
 class Stage:
     """One training stage of a defense: its name, the config field that counts its length (``unit``:
     epochs, or optimiser steps for ANP's mask iterations) and the sub-folder of the run folder that holds
-    its checkpoint ("" = the run folder itself)."""
+    its checkpoint ("" = the run folder itself). An ``optional`` stage is off at length 0 (its default),
+    and an epoch budget leaves it off."""
 
     name: str
     length_field: str
     folder: str = ""
     unit: str = "epochs"
+    optional: bool = False
 
 
 @dataclass

@@ -5,11 +5,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..training import Trainer, eval_columns
-from .base import NAD_PAPER_SCHEDULE, NAD_RELEASE_SCHEDULE, Defense, DefenseTrainConfig, PurifyResult, Stage
+from .base import NAD_PAPER_SCHEDULE, NAD_RELEASE_SCHEDULE, Defense, PurifyResult, Stage
+from .recovery import KD_STAGE, RecoverableConfig, recover
 
 
 @dataclass
-class FinetuneConfig(DefenseTrainConfig):
+class FinetuneConfig(RecoverableConfig):
     """NAD's optimiser with β = 0, 10 epochs to match the NAD student budget (spec §5.1 decision)."""
 
 
@@ -22,7 +23,7 @@ class Finetune(Defense):
     """
 
     name = "finetune"
-    stages = (Stage("finetune", "epochs"),)
+    stages = (Stage("finetune", "epochs"), KD_STAGE)
     presets = {"paper": dict(NAD_PAPER_SCHEDULE), "release": dict(NAD_RELEASE_SCHEDULE)}
 
     def purify(self, model, clean, *, run_dir=None, resume=False, eval_fn=None, quiet=False) -> PurifyResult:
@@ -31,5 +32,6 @@ class Finetune(Defense):
         student = model.copy()
         trainer = Trainer(cfg.train_config(), desc="finetune", quiet=quiet)
         res = trainer.fit(student, clean, callbacks=eval_columns(eval_fn), run_dir=run_dir, resume=resume)
-        return PurifyResult(student, res.history,
-                            {"epochs": res.epochs, "steps": res.steps, "seconds": res.seconds, "lr_probe": probe})
+        result = PurifyResult(student, res.history,
+                              {"epochs": res.epochs, "steps": res.steps, "seconds": res.seconds, "lr_probe": probe})
+        return recover(model, result, clean, cfg, run_dir=run_dir, resume=resume, quiet=quiet)

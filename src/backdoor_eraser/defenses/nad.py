@@ -13,11 +13,12 @@ from ..models.taps import FeatureTaps
 from ..runs import new_model
 from ..training import Task, Trainer, TrainConfig, eval_columns
 from .attention import ATTENTION_FUNCTIONS, DISTANCES, attention_distance, attention_map, normalize_map
-from .base import NAD_PAPER_SCHEDULE, NAD_RELEASE_SCHEDULE, Defense, DefenseTrainConfig, PurifyResult, Stage
+from .base import NAD_PAPER_SCHEDULE, NAD_RELEASE_SCHEDULE, Defense, PurifyResult, Stage
+from .recovery import KD_STAGE, RecoverableConfig, recover
 
 
 @dataclass
-class NADConfig(DefenseTrainConfig):
+class NADConfig(RecoverableConfig):
     """Defaults: the release's β = (500, 1000, 1000) with its mean-squared distance (``distance='code'``);
     ``distance='paper'`` uses the paper's per-sample L2 norm. Attention = mean over channels of |a|^p,
     p = 2, flattened and L2-normalised. Teacher: the backdoored model fine-tuned for ``teacher_epochs``
@@ -166,7 +167,7 @@ class NAD(Defense):
     """
 
     name = "nad"
-    stages = (Stage("teacher", "teacher_epochs", "teacher"), Stage("student", "epochs"))
+    stages = (Stage("teacher", "teacher_epochs", "teacher"), Stage("student", "epochs"), KD_STAGE)
     presets = {
         "paper": dict(NAD_PAPER_SCHEDULE, beta=(5000.0, 5000.0, 5000.0), distance="code", teacher_epochs=10),
         "release": dict(NAD_RELEASE_SCHEDULE, beta=(500.0, 1000.0, 1000.0), distance="code", teacher_epochs=10),
@@ -210,4 +211,5 @@ class NAD(Defense):
         info.update(epochs=res.epochs, steps=res.steps, seconds=res.seconds, sites=objective.sites,
                     total_epochs=res.epochs + info.get("teacher_epochs", 0),
                     total_steps=res.steps + info.get("teacher_steps", 0))
-        return PurifyResult(student, res.history, info, {"teacher": teacher})
+        return recover(model, PurifyResult(student, res.history, info, {"teacher": teacher}), clean, cfg,
+                       run_dir=run_dir, resume=resume, quiet=quiet)

@@ -13,13 +13,14 @@ from ..errors import UserError
 from ..models.taps import FeatureTaps
 from ..training import Callback, Task, Trainer, eval_columns
 from .attention import ATTENTION_FUNCTIONS, DISTANCES, attention_distance, attention_map, normalize_map
-from .base import Defense, DefenseTrainConfig, PurifyResult, Stage
+from .base import Defense, PurifyResult, Stage
+from .recovery import KD_STAGE, RecoverableConfig, recover
 
 SELECTIONS = ("clean_loss", "last")
 
 
 @dataclass
-class SAGEConfig(DefenseTrainConfig):
+class SAGEConfig(RecoverableConfig):
     """Paths ⟨i, j⟩ are pairs of 0-based positions in ``sites`` (``(0, 1)`` or ``"0-1"``); default: adjacent
     sites, (0,1), (1,2) for WRN's three groups. ``beta``: one weight for every path or one per path (300,
     on the MSE scale, as in the only public code). Attention ``mean_p`` with p = 2; the deeper map is
@@ -237,7 +238,7 @@ class SAGE(Defense):
     """
 
     name = "sage"
-    stages = (Stage("sage", "epochs"),)
+    stages = (Stage("sage", "epochs"), KD_STAGE)
     # ``paper``: the dynamic lr rule (P = 25, ρ = 0.75, halving) with the public code's lr and epochs.
     # ``release`` (the only public code, AIcert): the rule exists there but is never called, and its
     # best-by-test-ASR checkpoint is test leakage, so the last epoch stands in for it (spec §5.6).
@@ -283,4 +284,5 @@ class SAGE(Defense):
             info.update(selected_epoch=selector.epoch, selected_clean_ce=selector.best)
         else:
             info.update(selected_epoch=res.epochs)
-        return PurifyResult(student, res.history, info)
+        return recover(model, PurifyResult(student, res.history, info), clean, cfg, run_dir=run_dir, resume=resume,
+                       quiet=quiet)

@@ -37,7 +37,7 @@ from .. import attacks, defenses
 from ..data import DATASETS
 from ..errors import UserError
 from ..models import MODELS, create_model
-from ..registry import build_config, config_to_dict
+from ..registry import build_config, config_to_dict, identity_dict
 from ..training import ATTACK_TRAINING, TrainConfig
 
 SPEC_KEYS = ("name", "description", "datasets", "archs", "attacks", "defenses", "detectors", "seeds",
@@ -443,7 +443,7 @@ def expand(spec: GridSpec, *, zoo: str | Path | None = None, say=None) -> list[C
                             params = dict(d.params)
                             if "seed" in {f.name for f in dataclasses.fields(defenses.DEFENSES.config_class(d.name))}:
                                 params.setdefault("seed", seed)
-                            resolved = config_to_dict(defenses.DEFENSES.make_config(
+                            resolved = identity_dict(defenses.DEFENSES.make_config(
                                 d.name, **defenses.resolve_params(d.name, d.preset, params)))
                             cfg = {"kind": "defense", "dataset": data_rec, "arch": arch, "model": model_ref,
                                    "attack": attack_desc, "defense": {"name": d.name, "preset": d.preset,

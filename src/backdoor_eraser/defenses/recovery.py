@@ -1,0 +1,88 @@
+"""Recovering clean accuracy after erasing: distil the given model's clean predictions back.
+
+Fine-tuning and attention distillation at the papers' lr 0.1 erase a backdoor, but on a model whose
+weights are small (20 epochs, cosine to 0, weight decay 5e-4) the same steps cost 12-18 ACC points,
+and at lrs small enough to keep the accuracy a blended trigger survives (auto-lr-findings.md). The
+backdoored model itself still classifies clean images well: its predictions on the clean subset carry
+what the large steps destroyed, and, on images without the trigger, nothing of the backdoor. So after
+the defense's own stages, a ``kd`` stage trains the purified model on the clean subset with
+
+    loss = α · T² · KL(softmax(teacher / T) ‖ softmax(student / T)) + (1 − α) · CE(student, y),
+
+the teacher being the untouched input model (frozen, eval mode), seen through the same augmented batch
+(Hinton et al.'s distillation loss). ``kd_epochs = 0`` (the default) leaves the defense as it was.
+Findings: benchmarks/results/kd-recovery-findings.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..classifier import Classifier
+from ..errors import UserError
+from ..training import Task, Trainer
+from .base import DefenseTrainConfig, PurifyResult, Stage
+
+KD_STAGE = Stage("kd", "kd_epochs", "kd", optional=True)
+
+
+@dataclass
+class RecoverableConfig(DefenseTrainConfig):
+    """DefenseTrainConfig plus the optional recovery stage: ``kd_epochs`` (0 = off) of distillation from
+    the input model at ``kd_lr`` with the ``kd_schedule`` (cosine to 0), temperature ``kd_temperature`` and
+    weight ``kd_alpha`` on the distillation term; the other optimiser and augmentation settings are the
+    defense's."""
+
+    # Off at 0, and then, with its settings, no part of a grid cell's identity (registry.identity_dict).
+    kd_epochs: int = field(default=0, metadata={"neutral": 0})
+    kd_lr: float = field(default=0.05, metadata={"with": "kd_epochs"})
+    kd_schedule: str = field(default="cosine", metadata={"with": "kd_epochs"})
+    kd_temperature: float = field(default=4.0, metadata={"with": "kd_epochs"})
+    kd_alpha: float = field(default=0.9, metadata={"with": "kd_epochs"})
+
+    def check(self):
+        super().check()
+        if self.kd_epochs < 0 or self.kd_lr < 0 or self.kd_temperature <= 0 or not 0 <= self.kd_alpha <= 1:
+            raise UserError("kd_epochs must be ≥ 0, kd_lr ≥ 0, kd_temperature > 0 and kd_alpha in [0, 1]")
+        self.kd_train_config().check()
+
+    def kd_train_config(self):
+        return self.train_config(epochs=self.kd_epochs, lr=self.kd_lr, schedule=self.kd_schedule)
+
+
+class DistilBack:
+    """α·T²·KL(teacher ‖ student at temperature T) + (1 − α)·CE, the teacher's logits computed on the
+    step's own (augmented, normalised) inputs."""
+
+    def __init__(self, teacher: Classifier, temperature: float, alpha: float):
+        self.teacher, self.t, self.alpha = teacher, float(temperature), float(alpha)
+
+    def __call__(self, logits, inputs, labels):
+        with torch.no_grad():
+            target = F.log_softmax(self.teacher.net(inputs).float() / self.t, 1)
+        ce = F.cross_entropy(logits, labels)
+        kd = F.kl_div(F.log_softmax(logits.float() / self.t, 1), target, reduction="batchmean",
+                      log_target=True) * self.t ** 2
+        return self.alpha * kd + (1 - self.alpha) * ce, {"ce": ce.detach(), "kd": kd.detach()}
+
+
+def recover(original: Classifier, result: PurifyResult, clean, cfg: RecoverableConfig, *,
+            run_dir: Path | None = None, resume: bool = False, quiet: bool = False) -> PurifyResult:
+    """``result`` after ``cfg.kd_epochs`` of distillation from ``original`` (unchanged; a frozen copy
+    teaches), its history extended with ``phase = "kd"`` rows and its totals with the stage's."""
+    if not cfg.kd_epochs:
+        return result
+    teacher = original.copy()
+    teacher.net.eval().requires_grad_(False)
+    res = Trainer(cfg.kd_train_config(), desc="kd recovery", quiet=quiet).fit(
+        result.model, clean, task=Task(DistilBack(teacher, cfg.kd_temperature, cfg.kd_alpha)),
+        run_dir=run_dir / KD_STAGE.folder if run_dir else None, resume=resume)
+    info = result.info
+    epochs, steps = info.get("total_epochs", info.get("epochs", 0)), info.get("total_steps", info.get("steps", 0))
+    info.update(kd_epochs=res.epochs, kd_steps=res.steps, kd_seconds=res.seconds,
+                total_epochs=epochs + res.epochs, total_steps=steps + res.steps)
+    result.history = list(result.history) + [{"phase": "kd", **r} for r in res.history]
+    return result

@@ -1,0 +1,107 @@
+"""The optional recovery stage: distillation of the input model's clean predictions after erasing."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from backdoor_eraser import defenses
+from backdoor_eraser.classifier import Normalization
+from backdoor_eraser.data.dataset import ImageDataset
+from backdoor_eraser.defenses.recovery import DistilBack
+from backdoor_eraser.errors import UserError
+from backdoor_eraser.runs import new_model
+
+
+def fixed_teacher(logits):
+    return SimpleNamespace(net=lambda inputs: logits.expand(len(inputs), -1))
+
+
+def test_distil_back_loss_by_hand():
+    teacher = fixed_teacher(torch.tensor([[0.0, math.log(3.0)]]))   # softmax [0.25, 0.75]
+    student, labels = torch.zeros(1, 2), torch.tensor([1])          # softmax [0.5, 0.5]; CE ln 2
+    kl = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)                 # KL([.25, .75] ‖ [.5, .5]) = 0.130812
+    loss, terms = DistilBack(teacher, temperature=1.0, alpha=0.5)(student, torch.zeros(1, 3, 2, 2), labels)
+    assert loss.item() == pytest.approx(0.5 * kl + 0.5 * math.log(2), rel=1e-5)
+    assert terms["kd"].item() == pytest.approx(kl, rel=1e-5) and terms["ce"].item() == pytest.approx(math.log(2))
+    # T = 2: the teacher's softmax of [0, ln 3 / 2] is [1, √3] / (1 + √3); the KL term is scaled by T² = 4
+    p = 1 / (1 + math.sqrt(3))
+    kl2 = p * math.log(2 * p) + (1 - p) * math.log(2 * (1 - p))
+    loss, terms = DistilBack(teacher, temperature=2.0, alpha=0.9)(student, torch.zeros(1, 3, 2, 2), labels)
+    assert terms["kd"].item() == pytest.approx(4 * kl2, rel=1e-5)
+    assert loss.item() == pytest.approx(0.9 * 4 * kl2 + 0.1 * math.log(2), rel=1e-5)
+
+
+def tiny(n=40):
+    g = torch.Generator().manual_seed(0)
+    return ImageDataset(torch.randint(0, 256, (n, 3, 8, 8), generator=g).to(torch.uint8), torch.arange(n) % 4,
+                        ["a", "b", "c", "d"])
+
+
+def weights(model):
+    return {k: v.clone() for k, v in model.net.state_dict().items()}
+
+
+@pytest.mark.parametrize("name, params", [("finetune", dict(epochs=1)), ("nad", dict(epochs=1, teacher_epochs=1)),
+                                          ("argd", dict(epochs=1, teacher_epochs=1)), ("sage", dict(epochs=1))])
+def test_recovery_stage_runs_after_the_defense_and_leaves_the_input_alone(tmp_path, name, params):
+    data = tiny()
+    model = new_model("wrn-10-1", data.classes, (3, 8, 8), Normalization(), "cpu", 0)
+    before = weights(model)
+    plain = defenses.create(name, batch_size=16, **params).purify(model, data, quiet=True)
+    res = defenses.create(name, batch_size=16, kd_epochs=2, **params).purify(model, data, run_dir=tmp_path,
+                                                                             quiet=True)
+    assert all(torch.equal(v, before[k]) for k, v in model.net.state_dict().items())
+    kd_rows = [r for r in res.history if r.get("phase") == "kd"]
+    drop = ("seconds", "images_per_s")
+    assert len(kd_rows) == 2 and [{k: v for k, v in r.items() if k not in drop} for r in res.history[:-2]] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in plain.history]   # the defense itself is unchanged
+    assert {"ce", "kd"} <= set(kd_rows[0]) and 0 < kd_rows[1]["lr"] < kd_rows[0]["lr"] <= 0.05  # cosine from kd_lr
+    assert res.info["kd_epochs"] == 2 and res.info["kd_steps"] == 2 * math.ceil(40 / 16)
+    assert res.info["total_steps"] == plain.info.get("total_steps", plain.info["steps"]) + res.info["kd_steps"]
+    assert (tmp_path / "kd" / "checkpoint.pt").is_file()
+    # the stage trained the purified model further
+    assert any(not torch.equal(v, plain.model.net.state_dict()[k]) for k, v in res.model.net.state_dict().items())
+
+
+def test_recovery_resumes_exactly(tmp_path, interrupt_after_checkpoint):
+    data = tiny()
+    model = new_model("wrn-10-1", data.classes, (3, 8, 8), Normalization(), "cpu", 0)
+    cfg = dict(epochs=2, batch_size=16, kd_epochs=3)
+    whole = defenses.create("finetune", **cfg).purify(model, data, run_dir=tmp_path / "whole", quiet=True)
+    interrupt_after_checkpoint(3)   # fine-tuning's 2 epochs, then the first recovery epoch
+    with pytest.raises(KeyboardInterrupt):
+        defenses.create("finetune", **cfg).purify(model, data, run_dir=tmp_path / "cut", quiet=True)
+    interrupt_after_checkpoint(10 ** 6)
+    again = defenses.create("finetune", **cfg).purify(model, data, run_dir=tmp_path / "cut", resume=True, quiet=True)
+    a, b = again.model.net.state_dict(), whole.model.net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    drop = ("seconds", "images_per_s")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in again.history] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in whole.history]
+
+
+@pytest.mark.parametrize("bad", [dict(kd_epochs=-1), dict(kd_temperature=0.0), dict(kd_alpha=1.5),
+                                 dict(kd_schedule="sometimes")])
+def test_bad_recovery_settings_are_refused(bad):
+    with pytest.raises(UserError):
+        defenses.create("nad", **bad)
+
+
+def test_an_epoch_budget_leaves_the_recovery_stage_off():
+    assert defenses.epoch_budget_params("finetune", 4, 500) == {"epochs": 4}
+    assert "kd_epochs" not in defenses.epoch_budget_params("sage", 4, 500)
+
+
+def test_an_unused_recovery_stage_is_no_part_of_a_grid_cells_identity():
+    from backdoor_eraser.registry import config_to_dict, identity_dict
+
+    off = defenses.create("nad").config
+    ident = identity_dict(off)
+    assert not [k for k in ident if k.startswith("kd_")]
+    assert ident == {k: v for k, v in config_to_dict(off).items() if not k.startswith("kd_")}
+    # settings of a stage that does not run change nothing, so they identify nothing either
+    assert identity_dict(defenses.create("nad", kd_lr=0.01).config) == ident
+    on = identity_dict(defenses.create("nad", kd_epochs=5).config)
+    assert on["kd_epochs"] == 5 and on["kd_lr"] == 0.05 and on["kd_temperature"] == 4.0
+    assert identity_dict(defenses.create("nad", kd_epochs=5, kd_lr=0.01).config) != on
