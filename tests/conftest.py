@@ -93,6 +93,28 @@ def interrupt_after_checkpoint(monkeypatch):
     return arm
 
 
+@pytest.fixture
+def kill_and_resume(interrupt_after_checkpoint, tmp_path):
+    """``kill_and_resume(make, model, data, k)``: ``make()``'s defense purifies once uninterrupted, once
+    killed after the trainer's k-th checkpoint and resumed into the same folder; returns both results."""
+
+    def run(make, model, data, k):
+        whole = make().purify(model, data, run_dir=tmp_path / "whole", quiet=True)
+        interrupt_after_checkpoint(k)
+        with pytest.raises(KeyboardInterrupt):
+            make().purify(model, data, run_dir=tmp_path / "cut", quiet=True)
+        interrupt_after_checkpoint(10 ** 6)
+        return whole, make().purify(model, data, run_dir=tmp_path / "cut", resume=True, quiet=True)
+
+    return run
+
+
+def same_rows(a, b, drop=("seconds", "images_per_s")) -> bool:
+    """Two histories with the same records, wall-clock columns aside."""
+    return [{k: v for k, v in r.items() if k not in drop} for r in a] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in b]
+
+
 def pytest_terminal_summary(terminalreporter):
     """Which kernels and thread count the numbers above came from (they differ between hosts)."""
     terminalreporter.write_line(

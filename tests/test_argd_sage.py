@@ -17,6 +17,7 @@ from backdoor_eraser.defenses.sage import (SAGE, DynamicLR, SAGEConfig, SelfAtte
 from backdoor_eraser.errors import UserError
 from backdoor_eraser.metrics import evaluate
 from backdoor_eraser.models import create_model
+from conftest import same_rows
 
 
 def _clf(arch="wrn-16-1", seed=0):
@@ -275,7 +276,7 @@ def test_sage_erases_the_synthetic_backdoor_and_selects_by_clean_loss(synthetic_
     assert saved["epoch"] == best["epoch"] and saved["loss"] == pytest.approx(best["clean_ce"])
 
 
-def test_sage_resumes_exactly_with_the_dynamic_lr_mid_schedule(tmp_path, interrupt_after_checkpoint):
+def test_sage_resumes_exactly_with_the_dynamic_lr_mid_schedule(kill_and_resume):
     """Six epochs with the rule checked every 2 epochs; ρ = 2 makes C1 hold at every check, so the lr
     halves after epochs 2, 4 and 6. A kill after epoch 3 (the rule has acted once and holds half an
     interval of losses) and a resume give the uninterrupted run's lrs, reductions, selection and weights."""
@@ -283,17 +284,10 @@ def test_sage_resumes_exactly_with_the_dynamic_lr_mid_schedule(tmp_path, interru
     data = ImageDataset(torch.randint(0, 256, (48, 3, 16, 16), generator=g).to(torch.uint8),
                         torch.arange(48) % 10, [str(i) for i in range(10)])
     cfg = SAGEConfig(epochs=6, lr_interval=2, lr_ratio=2.0, batch_size=16)
-    whole = SAGE(cfg).purify(_clf(), data, run_dir=tmp_path / "whole", quiet=True)
+    whole, again = kill_and_resume(lambda: SAGE(cfg), _clf(), data, 3)
     assert whole.info["lr_reduced_after_epochs"] == [2, 4, 6]
     assert [r["lr"] for r in whole.history] == pytest.approx([0.05, 0.05, 0.025, 0.025, 0.0125, 0.0125])
-    interrupt_after_checkpoint(3)
-    with pytest.raises(KeyboardInterrupt):
-        SAGE(cfg).purify(_clf(), data, run_dir=tmp_path / "cut", quiet=True)
-    interrupt_after_checkpoint(10 ** 6)
-    again = SAGE(cfg).purify(_clf(), data, run_dir=tmp_path / "cut", resume=True, quiet=True)
-    keep = ("seconds", "images_per_s")
-    assert [{k: v for k, v in r.items() if k not in keep} for r in again.history] == \
-        [{k: v for k, v in r.items() if k not in keep} for r in whole.history]
+    assert same_rows(again.history, whole.history)
     for key in ("lr_reduced_after_epochs", "selected_epoch", "selected_clean_ce"):
         assert again.info[key] == whole.info[key], key
     a, b = again.model.net.state_dict(), whole.model.net.state_dict()

@@ -18,6 +18,7 @@ from backdoor_eraser.defenses.rnp import RNP, RNPConfig
 from backdoor_eraser.metrics import evaluate
 from backdoor_eraser.models import create_model
 from backdoor_eraser.runs import load_model
+from conftest import same_rows
 
 
 def bn_model(seed=0):
@@ -355,29 +356,19 @@ def _same_weights(a, b):
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def _rows(history, drop=("seconds", "images_per_s")):
-    return [{k: v for k, v in r.items() if k not in drop} for r in history]
-
-
 @pytest.mark.parametrize("kill_after", [1, 3])
-def test_mcr_resumes_exactly_in_either_stage(tmp_path, interrupt_after_checkpoint, kill_after):
+def test_mcr_resumes_exactly_in_either_stage(kill_and_resume, kill_after):
     """One endpoint epoch (checkpoint 1), then three curve epochs (checkpoints 2-4): a kill after the
     endpoint stage or in the middle of the curve, then a resume, give the uninterrupted curve point."""
     cfg = MCRConfig(epochs=1, batch_size=16, curve_epochs=3, curve_batch_size=16)
-    model, data = bn_model(), random_data()
-    whole = MCR(cfg).purify(model, data, run_dir=tmp_path / "whole", quiet=True)
-    interrupt_after_checkpoint(kill_after)
-    with pytest.raises(KeyboardInterrupt):
-        MCR(cfg).purify(model, data, run_dir=tmp_path / "cut", quiet=True)
-    interrupt_after_checkpoint(10 ** 6)
-    again = MCR(cfg).purify(model, data, run_dir=tmp_path / "cut", resume=True, quiet=True)
+    whole, again = kill_and_resume(lambda: MCR(cfg), bn_model(), random_data(), kill_after)
     assert _same_weights(again.model, whole.model)
     assert _same_weights(again.artifacts["endpoint"], whole.artifacts["endpoint"])
-    assert _rows(again.history) == _rows(whole.history) and len(whole.history) == 3
+    assert same_rows(again.history, whole.history) and len(whole.history) == 3
 
 
 @pytest.mark.parametrize("kill_after", [1, 3])
-def test_rnp_resumes_exactly_in_either_stage(tmp_path, interrupt_after_checkpoint, kill_after):
+def test_rnp_resumes_exactly_in_either_stage(kill_and_resume, kill_after):
     """Unlearning in epochs of three steps whose stop test looks at the last 48 images (callback state),
     then two recovery epochs. A kill after unlearning's first epoch or during recovery, and a resume, give
     the same masks, pruning and records as one uninterrupted run. The bound 0.292 sits just above the
@@ -385,16 +376,10 @@ def test_rnp_resumes_exactly_in_either_stage(tmp_path, interrupt_after_checkpoin
     the first step after the kill, which only a resumed window can see."""
     cfg = RNPConfig(batch_size=16, unlearn_epochs=3, unlearn_acc=0.292, unlearn_window=48, recover_epochs=2,
                     threshold=0.5)
-    model, data = bn_model(), random_data()
-    whole = RNP(cfg).purify(model, data, run_dir=tmp_path / "whole", quiet=True)
-    interrupt_after_checkpoint(kill_after)
-    with pytest.raises(KeyboardInterrupt):
-        RNP(cfg).purify(model, data, run_dir=tmp_path / "cut", quiet=True)
-    interrupt_after_checkpoint(10 ** 6)
-    again = RNP(cfg).purify(model, data, run_dir=tmp_path / "cut", resume=True, quiet=True)
+    whole, again = kill_and_resume(lambda: RNP(cfg), bn_model(), random_data(), kill_after)
     for key in ("masks", "pruned", "unlearn_steps", "unlearn_epochs", "unlearn_stopped_early"):
         assert again.info[key] == whole.info[key], key
     assert _same_weights(again.model, whole.model)
     assert _same_weights(again.artifacts["unlearned"], whole.artifacts["unlearned"])
-    assert _rows(again.history) == _rows(whole.history)
+    assert same_rows(again.history, whole.history)
     assert [r["phase"] for r in whole.history].count("recover") == 2
