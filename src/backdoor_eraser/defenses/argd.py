@@ -16,8 +16,8 @@ from ..errors import UserError
 from ..training import Task, Trainer, eval_columns
 from .attention import ATTENTION_FUNCTIONS, DISTANCES, EPS, attention_map, normalize_map
 from .base import NAD_OPTIMISER, Defense, PurifyResult, Stage
-from .recovery import KD_STAGE, RecoverableConfig, recover
 from .nad import AttentionDistillation, check_distillation, check_teacher, freeze, make_teacher
+from .recovery import KD_STAGE, RecoverableConfig, recover
 
 RELEASE_NODE_BETA = (2000.0, 5000.0, 2000.0)
 RELEASE_MILESTONES = (3, 6)
