@@ -138,8 +138,9 @@ def test_attack_cell_is_shared_by_defense_cells_and_across_specs(tmp_path):
     b = expand(parse_spec(TINY.replace("name: tiny", "name: other").replace("seeds: [0, 1]", "seeds: [5]")))
     assert a[0].hash == b[0].hash
     store = Store(tmp_path)
-    assert store.add("tiny", a, lambda c: tmp_path / c.hash) == 5
-    assert store.add("other", b, lambda c: tmp_path / c.hash) == 2  # its attack cell exists already
+    assert store.add("tiny", a, lambda c: tmp_path / c.hash) == {c.hash for c in a}
+    # its attack cell exists already
+    assert store.add("other", b, lambda c: tmp_path / c.hash) == {c.hash for c in b[1:]}
     n = store.db.execute("SELECT COUNT(*) FROM cells WHERE kind = 'attack'").fetchone()[0]
     assert n == 1 and len(store.rows("other")) == 3 and len(store.rows()) == 7
 
@@ -338,3 +339,53 @@ def test_report_of_a_folder_without_a_store_is_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds no grid store" in err
+
+
+def test_only_runs_its_own_cells_while_the_report_keeps_the_whole_spec(tmp_path, capsys):
+    spec = write_spec(tmp_path, TINY.replace("seeds: [0, 1]", "seeds: [0, 1, 2]"))
+    out = tmp_path / "grid"
+    assert main(["bench", str(spec), "--out", str(out), "--device", "cpu", "--only", "defense=finetune", "seed=0"]) == 0
+    status = {(r["axes"].get("defense"), r["axes"].get("seed")): r["status"] for r in _rows(out)}
+    assert len(status) == 7  # every cell of the spec is a member, whatever --only ran
+    assert status.pop((None, None)) == "done" and status.pop(("finetune", 0)) == "done"
+    assert set(status.values()) == {"pending"}
+    md = (out / "results.md").read_text()
+    assert "| badnets | nad | 0 |" in md and "0 done, 3 missing" in md and "1 done, 2 missing" in md
+    assert "--only: 2 of the spec's 7 cells run" in capsys.readouterr().err
+
+    # A second --only runs its cells and leaves the first one's rows (and the cells neither chose) alone.
+    assert main(["bench", str(spec), "--out", str(out), "--device", "cpu", "--only", "defense=nad", "seed=1"]) == 0
+    err = capsys.readouterr().err
+    assert "[1/2] attack badnets" not in err and "[2/2] defense badnets · nad · seed 1" in err
+    status = {(r["axes"].get("defense"), r["axes"].get("seed")): r["status"] for r in _rows(out)}
+    assert [k for k, v in status.items() if v == "done"] == [(None, None), ("finetune", 0), ("nad", 1)]
+    assert "1 done, 2 missing" in (out / "results.md").read_text()
+    # --dry-run with --only counts only the cells it would run.
+    assert main(["bench", str(spec), "--out", str(out), "--device", "cpu", "--only", "seed=2", "--dry-run"]) == 0
+    assert "2 to run (0 new)" in capsys.readouterr().err
+
+
+def test_rows_stored_under_an_older_identity_of_the_same_cell_are_adopted(tmp_path):
+    from backdoor_eraser.grid.spec import Cell, cell_hash, config_hash
+
+    d = expand(parse_spec(TINY))[1]
+    here = {**d.config, "model": {"run": "/new/place/badnets", "sha256": "ab" * 32}}
+    cell = Cell("defense", here, d.axes, [])
+    # As earlier versions stored it: the model folder's path was hashed, and the defense config carried
+    # the auto-lr fields at their defaults before they became neutral.
+    lr_fields = {"auto_lr": False, "lr_factors": [1.0, 0.5, 0.2, 0.1, 0.05], "lr_tolerance": 0.05, "lr_held_out": 0.2}
+    old = {**here, "model": {"run": "/old/place/badnets", "sha256": "ab" * 32},
+           "defense": {**here["defense"], "config": {**here["defense"]["config"], **lr_fields}}}
+    other = json.loads(json.dumps(old))
+    other["defense"]["config"]["auto_lr"] = True          # a different cell: must stay apart
+    assert cell_hash(old) == cell.hash and cell_hash(other) != cell.hash and config_hash(old) != cell.hash
+    store = Store(tmp_path)
+    for cfg, acc in ((old, 0.5), (other, 0.7)):
+        store.db.execute("INSERT INTO cells (hash, kind, config, deps, run_dir, status, metrics) VALUES "
+                         "(?, 'defense', ?, '[]', ?, 'done', ?)", (config_hash(cfg), json.dumps(cfg), str(tmp_path / "x"),
+                                                                   json.dumps({"acc": acc})))
+    assert store.add("tiny", [cell], lambda c: tmp_path / c.hash) == set()
+    (row,) = store.rows("tiny")
+    assert row["hash"] == cell.hash and row["status"] == "done" and row["metrics"] == {"acc": 0.5}
+    assert row["config"]["model"]["run"] == "/new/place/badnets"   # where the model is now
+    assert store.db.execute("SELECT COUNT(*) FROM cells").fetchone()[0] == 2

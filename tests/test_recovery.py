@@ -75,7 +75,7 @@ def test_recovery_resumes_exactly(kill_and_resume):
 
 
 @pytest.mark.parametrize("bad", [dict(kd_epochs=-1), dict(kd_temperature=0.0), dict(kd_alpha=1.5),
-                                 dict(kd_schedule="sometimes")])
+                                 dict(kd_schedule="sometimes"), dict(kd_epochs=2, kd_augment="crop+blur")])
 def test_bad_recovery_settings_are_refused(bad):
     with pytest.raises(UserError):
         defenses.create("nad", **bad)
@@ -92,9 +92,21 @@ def test_an_unused_recovery_stage_is_no_part_of_a_grid_cells_identity():
     off = defenses.create("nad").config
     ident = identity_dict(off)
     assert not [k for k in ident if k.startswith("kd_")]
-    assert ident == {k: v for k, v in config_to_dict(off).items() if not k.startswith("kd_")}
+    optional = ("kd_", "auto_lr", "lr_factors", "lr_tolerance", "lr_held_out")   # both off by default
+    assert ident == {k: v for k, v in config_to_dict(off).items() if not k.startswith(optional)}
     # settings of a stage that does not run change nothing, so they identify nothing either
     assert identity_dict(defenses.create("nad", kd_lr=0.01).config) == ident
     on = identity_dict(defenses.create("nad", kd_epochs=5).config)
     assert on["kd_epochs"] == 5 and on["kd_lr"] == 0.05 and on["kd_temperature"] == 4.0
     assert identity_dict(defenses.create("nad", kd_epochs=5, kd_lr=0.01).config) != on
+    # the recovery's own augmentation: absent from the identity until it is set
+    assert "kd_augment" not in on and identity_dict(defenses.create("nad", kd_augment="crop").config) == ident
+    assert identity_dict(defenses.create("nad", kd_epochs=5, kd_augment="crop+flip").config)["kd_augment"] == "crop+flip"
+
+
+def test_the_recovery_takes_the_defenses_augmentation_unless_given_its_own():
+    cfg = defenses.create("nad", kd_epochs=5).config
+    assert cfg.augment == "crop+flip+cutout" and cfg.kd_train_config().augment == "crop+flip+cutout"
+    own = defenses.create("nad", kd_epochs=5, kd_augment="crop+flip").config
+    assert own.augment == "crop+flip+cutout" and own.kd_train_config().augment == "crop+flip"
+    assert own.kd_train_config().epochs == 5 and own.kd_train_config().lr == 0.05

@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", action="append", help="data folder for every data set, or NAME=DIR per data set "
                    "(repeatable)")
     p.add_argument("--only", nargs="+", metavar="AXIS=V1,V2",
-                   help="restrict axes, e.g. --only attack=badnets,blend defense=finetune,nad seed=0")
+                   help="run only the cells these axis values select (the report still covers the whole spec), "
+                        "e.g. --only attack=badnets,blend defense=finetune,nad seed=0")
     p.add_argument("--zoo", help="folder of attack run folders: attack entries with a zoo name use DIR/NAME "
                    "when it exists instead of training")
     p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")

@@ -183,11 +183,17 @@ def identity_dict(cfg) -> dict[str, Any]:
     ``neutral`` value, the value that does what the code did before the field existed (dataclass field
     metadata ``{"neutral": v}``), nor the fields whose metadata ``{"with": name}`` ties them to such a
     field. Adding an optional stage then leaves every stored cell that does not use it valid."""
-    out = config_to_dict(cfg)
-    fields = dataclasses.fields(cfg)
-    idle = {f.name for f in fields if "neutral" in f.metadata and getattr(cfg, f.name) == f.metadata["neutral"]}
+    return drop_idle(type(cfg), config_to_dict(cfg))
+
+
+def drop_idle(cls, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (a config dict of dataclass ``cls``, possibly written before some fields existed)
+    without the idle fields :func:`identity_dict` leaves out; a field it lacks counts as neutral."""
+    fields = dataclasses.fields(cls)
+    idle = {f.name for f in fields if "neutral" in f.metadata
+            and values.get(f.name, json_ready(f.metadata["neutral"])) == json_ready(f.metadata["neutral"])}
     idle |= {f.name for f in fields if f.metadata.get("with") in idle}
-    return {k: v for k, v in out.items() if k not in idle}
+    return {k: v for k, v in values.items() if k not in idle}
 
 
 def json_ready(obj):

@@ -23,10 +23,11 @@ class DefenseTrainConfig(TrainConfig):
     augment: str = "crop+flip+cutout"
     # lr × the factor a one-epoch probe on the clean subset picks (defenses/lr_choice.py): the schedule
     # then fits the model instead of assuming the releases' weight norms.
-    auto_lr: bool = False
-    lr_factors: tuple[float, ...] = (1.0, 0.5, 0.2, 0.1, 0.05)
-    lr_tolerance: float = 0.05
-    lr_held_out: float = 0.2
+    # Off by default, and then, with its settings, no part of a grid cell's identity (registry.identity_dict).
+    auto_lr: bool = field(default=False, metadata={"neutral": False})
+    lr_factors: tuple[float, ...] = field(default=(1.0, 0.5, 0.2, 0.1, 0.05), metadata={"with": "auto_lr"})
+    lr_tolerance: float = field(default=0.05, metadata={"with": "auto_lr"})
+    lr_held_out: float = field(default=0.2, metadata={"with": "auto_lr"})
 
 
 # The NAD family's optimiser, written out in full in every preset so that a later change of a default

@@ -32,9 +32,9 @@ KD_STAGE = Stage("kd", "kd_epochs", "kd", optional=True)
 @dataclass
 class RecoverableConfig(DefenseTrainConfig):
     """DefenseTrainConfig plus the optional recovery stage: ``kd_epochs`` (0 = off) of distillation from
-    the input model at ``kd_lr`` with the ``kd_schedule`` (cosine to 0), temperature ``kd_temperature`` and
-    weight ``kd_alpha`` on the distillation term; the other optimiser and augmentation settings are the
-    defense's."""
+    the input model at ``kd_lr`` with the ``kd_schedule`` (cosine to 0), temperature ``kd_temperature``,
+    weight ``kd_alpha`` on the distillation term, and ``kd_augment`` (empty: the defense's augmentation,
+    e.g. ``crop+flip`` to leave out a Cutout); the other optimiser settings are the defense's."""
 
     # Off at 0, and then, with its settings, no part of a grid cell's identity (registry.identity_dict).
     kd_epochs: int = field(default=0, metadata={"neutral": 0})
@@ -42,6 +42,7 @@ class RecoverableConfig(DefenseTrainConfig):
     kd_schedule: str = field(default="cosine", metadata={"with": "kd_epochs"})
     kd_temperature: float = field(default=4.0, metadata={"with": "kd_epochs"})
     kd_alpha: float = field(default=0.9, metadata={"with": "kd_epochs"})
+    kd_augment: str = field(default="", metadata={"neutral": "", "with": "kd_epochs"})
 
     def check(self):
         super().check()
@@ -50,7 +51,8 @@ class RecoverableConfig(DefenseTrainConfig):
         self.kd_train_config().check()
 
     def kd_train_config(self):
-        return self.train_config(epochs=self.kd_epochs, lr=self.kd_lr, schedule=self.kd_schedule)
+        return self.train_config(epochs=self.kd_epochs, lr=self.kd_lr, schedule=self.kd_schedule,
+                                 augment=self.kd_augment or self.augment)
 
 
 class DistilBack:

@@ -40,20 +40,35 @@ def run_dir_for(out: Path, cell: Cell) -> Path:
     return (out / "cells" / cell.kind / name.replace("/", "_")).resolve()
 
 
-def prepare(spec: GridSpec, out: Path, *, zoo=None, command: str = "") -> tuple[Store, list[Cell]]:
+def prepare(spec: GridSpec, out: Path, *, only: dict | None = None, zoo=None,
+            command: str = "") -> tuple[Store, list[Cell], set[str] | None]:
+    """Registers every cell of ``spec`` as its members (so the report shows the whole spec, cells not run
+    yet marked missing); returns the store, the cells to run (those ``only`` keeps) and their hashes
+    (None: all of them)."""
     cells = expand(spec, zoo=zoo, say=say)
-    if not cells:
-        raise UserError(f"{spec.source}: the spec (after --only) has no cells")
+    scope = None
+    if only:
+        run = expand(spec.filtered(only), zoo=zoo)
+        if not run:
+            raise UserError(f"{spec.source}: the spec after --only has no cells")
+        scope = {c.hash for c in run}
+    else:
+        run = cells
+    if not run:
+        raise UserError(f"{spec.source}: the spec has no cells")
     store = Store(out)
     new = store.add(spec.name, cells, lambda c: run_dir_for(out, c), command=command, spec_text=spec.text)
-    counts = store.counts(spec.name)
-    say(f"{spec.name}: {describe_cells(cells)}; {counts['done']} done, {counts['failed']} failed, "
-        f"{counts['pending'] + counts['running']} to run ({new} new) — store {store.path}")
+    counts = store.counts(spec.name, scope)
+    say(f"{spec.name}: {describe_cells(run)}; {counts['done']} done, {counts['failed']} failed, "
+        f"{counts['pending'] + counts['running']} to run ({len(new if scope is None else new & scope)} new) "
+        f"— store {store.path}")
+    if scope is not None and len(cells) > len(run):
+        say(f"--only: {len(run)} of the spec's {len(cells)} cells run; the report shows all of them")
     others = store.code_versions() - {code_version()}
     if others:
         say(f"note: {len(others)} other toolkit version(s) made cells in this store ({', '.join(sorted(others))}); "
             "their results are kept and each cell records its version")
-    return store, cells
+    return store, run, scope
 
 
 def run_bench(spec_name: str, *, out: str | Path | None = None, data_dirs: list[str] | None = None,
@@ -62,7 +77,9 @@ def run_bench(spec_name: str, *, out: str | Path | None = None, data_dirs: list[
               device: str = "auto", retry_failed: bool = False, dry_run: bool = False, report: bool = True,
               command: str | None = None) -> dict:
     """Run (or continue) a grid; returns the store's status counts."""
-    spec = load_spec(spec_name).filtered(parse_only(only))
+    spec = load_spec(spec_name)
+    only_axes = parse_only(only)
+    spec.filtered(only_axes)  # unknown axis values fail here, before anything is written
     out = Path(out or f"runs/{spec.name}")
     if workers < 1:
         raise UserError(f"--workers must be ≥ 1, got {workers}")
@@ -75,23 +92,23 @@ def run_bench(spec_name: str, *, out: str | Path | None = None, data_dirs: list[
     from ..workflows import resolve_device
     resolve_device(device)
     _check_writable(out)
-    store, cells = prepare(spec, out, zoo=zoo, command=command or _command())
+    store, cells, scope = prepare(spec, out, only=only_axes, zoo=zoo, command=command or _command())
     try:
         if retry_failed:
-            say(f"{store.retry_failed(spec.name)} failed cells will run again")
+            say(f"{store.retry_failed(spec.name, scope)} failed cells will run again")
         if dry_run:
-            return store.counts(spec.name)
+            return store.counts(spec.name, scope)
         t0 = time.perf_counter()
         from .store import now
         started = now()
         from .executor import run_local, run_ray
         if executor == "ray":
             run_ray(out, spec.name, opts, address=ray_address, cpus_per_cell=cpus_per_cell,
-                    gpus_per_cell=gpus_per_cell, say=say)
+                    gpus_per_cell=gpus_per_cell, say=say, scope=scope)
         else:
-            run_local(out, spec.name, opts, workers=workers, say=say)
+            run_local(out, spec.name, opts, workers=workers, say=say, scope=scope)
         wall = time.perf_counter() - t0
-        counts = store.counts(spec.name)
+        counts = store.counts(spec.name, scope)
         say(f"{spec.name}: {counts['done']} done, {counts['failed']} failed, "
             f"{counts['pending'] + counts['running']} not run, in {wall:.0f} s")
         if executor == "local" and workers == 1:

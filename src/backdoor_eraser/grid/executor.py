@@ -25,12 +25,12 @@ from .store import Store, worker_id
 class Progress:
     """One line per finished cell with done/total and an ETA from the measured cell times."""
 
-    def __init__(self, store: Store, spec: str, workers: int = 1, say=None):
-        self.store, self.spec, self.workers = store, spec, max(1, workers)
+    def __init__(self, store: Store, spec: str, workers: int = 1, say=None, scope: set[str] | None = None):
+        self.store, self.spec, self.workers, self.scope = store, spec, max(1, workers), scope
         self.say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
 
     def line(self, row: dict, metrics: dict | None, wall: float, error: str | None = None) -> str:
-        counts = self.store.counts(self.spec)
+        counts = self.store.counts(self.spec, self.scope)
         total = sum(counts.values())
         finished = counts["done"] + counts["failed"]
         what = self.what(row)
@@ -59,7 +59,8 @@ class Progress:
                      and r["wall_seconds"] is not None]
             if times:
                 mean[kind] = sum(times) / len(times)
-        left = [r for r in rows if r["status"] in ("pending", "running")]
+        left = [r for r in rows if r["status"] in ("pending", "running")
+                and (self.scope is None or r["hash"] in self.scope)]
         if not left:
             return None
         fallback = sum(mean.values()) / len(mean) if mean else None
@@ -105,21 +106,23 @@ def _axes_of(store: Store, spec: str, row: dict) -> dict:
     return json.loads(r[0]) if r else {}
 
 
-def work(folder: Path, spec: str, opts: RunOptions, *, progress: Progress | None = None, wait_for_others: bool = True):
-    """Claim and run cells of ``spec`` until none is left (waiting while other workers hold the rest)."""
+def work(folder: Path, spec: str, opts: RunOptions, *, progress: Progress | None = None, wait_for_others: bool = True,
+         scope: set[str] | None = None):
+    """Claim and run cells of ``spec`` (those in ``scope``: the cells an ``--only`` selected) until none is
+    left, waiting while other workers hold the rest."""
     store = Store(folder, create=False)
     me = worker_id()
     beat = Heartbeat(folder, me)
-    progress = progress or Progress(store, spec)
+    progress = progress or Progress(store, spec, scope=scope)
     cache = DataCache()
     if opts.threads:
         import torch
         torch.set_num_threads(opts.threads)
     try:
         while True:
-            row = store.claim(spec, me)
+            row = store.claim(spec, me, scope)
             if row is None:
-                counts = store.counts(spec)
+                counts = store.counts(spec, scope)
                 if wait_for_others and counts["running"]:
                     time.sleep(2.0)
                     continue
@@ -149,16 +152,17 @@ def work(folder: Path, spec: str, opts: RunOptions, *, progress: Progress | None
         store.close()
 
 
-def run_local(folder: Path, spec: str, opts: RunOptions, *, workers: int = 1, say=None):
+def run_local(folder: Path, spec: str, opts: RunOptions, *, workers: int = 1, say=None, scope: set[str] | None = None):
     if workers <= 1:
         store = Store(folder, create=False)
         try:
-            work(folder, spec, opts, progress=Progress(store, spec, 1, say))
+            work(folder, spec, opts, progress=Progress(store, spec, 1, say, scope), scope=scope)
         finally:
             store.close()
         return
     threads = opts.threads or max(1, (os.cpu_count() or 1) // workers)
     payload = json.dumps({"folder": str(folder), "spec": spec, "workers": workers,
+                          "scope": sorted(scope) if scope is not None else None,
                           "opts": {**dataclasses.asdict(opts), "threads": threads, "quiet": True}})
     procs = [subprocess.Popen([sys.executable, "-m", "backdoor_eraser.grid.executor", payload]) for _ in range(workers)]
     try:
@@ -180,8 +184,10 @@ def _worker_main(payload: str) -> int:
     # SIGTERM (a scheduler stopping us) gives the cell back like Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     store = Store(args["folder"], create=False)
+    scope = set(args["scope"]) if args.get("scope") is not None else None
     try:
-        work(Path(args["folder"]), args["spec"], opts, progress=Progress(store, args["spec"], args["workers"]))
+        work(Path(args["folder"]), args["spec"], opts, progress=Progress(store, args["spec"], args["workers"], scope=scope),
+             scope=scope)
     except KeyboardInterrupt:
         return 130
     except UserError as exc:
@@ -210,7 +216,7 @@ def _ray_cell(row: dict, model_dirs: dict, opts_dict: dict):
 
 
 def run_ray(folder: Path, spec: str, opts: RunOptions, *, address: str | None = None, cpus_per_cell: float = 1.0,
-            gpus_per_cell: float = 0.0, say=None):
+            gpus_per_cell: float = 0.0, say=None, scope: set[str] | None = None):
     try:
         import ray
     except ImportError:
@@ -223,19 +229,19 @@ def run_ray(folder: Path, spec: str, opts: RunOptions, *, address: str | None = 
         capacity = min(capacity, max(1, int(ray.cluster_resources().get("GPU", 0) // gpus_per_cell)))
     store = Store(folder, create=False)
     me = worker_id()
-    progress = Progress(store, spec, capacity, say)
+    progress = Progress(store, spec, capacity, say, scope)
     opts_dict = {**dataclasses.asdict(opts), "quiet": True}
     in_flight: dict = {}
     try:
         while True:
             while len(in_flight) < capacity:
-                row = store.claim(spec, me)
+                row = store.claim(spec, me, scope)
                 if row is None:
                     break
                 row["axes"] = _axes_of(store, spec, row)
                 in_flight[remote.remote(row, model_dirs_for(store, row), opts_dict)] = row
             if not in_flight:
-                if store.counts(spec)["running"]:
+                if store.counts(spec, scope)["running"]:
                     time.sleep(2.0)
                     continue
                 return

@@ -37,7 +37,7 @@ from .. import attacks, defenses
 from ..data import DATASETS
 from ..errors import UserError
 from ..models import MODELS, create_model
-from ..registry import build_config, config_to_dict, identity_dict
+from ..registry import build_config, config_to_dict, drop_idle, identity_dict
 from ..training import ATTACK_TRAINING, TrainConfig
 
 SPEC_KEYS = ("name", "description", "datasets", "archs", "attacks", "defenses", "detectors", "seeds",
@@ -380,13 +380,29 @@ class Cell:
 
     @property
     def hash(self) -> str:
-        return config_hash(self.config)
+        return cell_hash(self.config)
 
 
 def config_hash(config: dict) -> str:
     """Stable across runs and dict key order."""
     blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def cell_hash(config: dict) -> str:
+    """A cell's identity: its config, with an existing model known by its weights' sha256 alone, so the
+    same model gives the same cells wherever its folder lies (another checkout, a renamed zoo).
+    Stores made while the folder's path was hashed too are adopted by ``Store.add``."""
+    model = config.get("model")
+    if isinstance(model, dict) and "sha256" in model:
+        config = {**config, "model": {"sha256": model["sha256"]}}
+    d = config.get("defense")
+    if config.get("kind") == "defense" and isinstance(d, dict) and d.get("name") in defenses.DEFENSES:
+        # Fields a defense gained later, sitting at their neutral value, identify nothing (identity_dict):
+        # a config stored before they existed and one stored with them name the same cell.
+        config = {**config, "defense": {**d, "config": drop_idle(defenses.DEFENSES.config_class(d["name"]),
+                                                                 d["config"])}}
+    return config_hash(config)
 
 
 def file_sha256(path: Path) -> str:

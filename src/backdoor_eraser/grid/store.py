@@ -115,40 +115,66 @@ class Store:
 
     # ---- writing ---------------------------------------------------------------------------------
 
-    def add(self, spec: str, cells, run_dir_for, *, command: str = "", spec_text: str = "") -> int:
+    def add(self, spec: str, cells, run_dir_for, *, command: str = "", spec_text: str = "") -> set[str]:
         """Register ``cells`` as spec ``spec``'s members (replacing its old member list); new cells are
-        pending. Returns how many cells were new."""
-        new = 0
+        pending. Returns the hashes of the cells that were new to the store."""
+        new = set()
         with self.transaction() as db:
             db.execute("DELETE FROM members WHERE spec = ?", (spec,))
+            self._adopt_moved(db, cells)
             for pos, cell in enumerate(cells):
                 h = cell.hash
                 cur = db.execute("INSERT OR IGNORE INTO cells (hash, kind, config, deps, run_dir, status) "
                                  "VALUES (?, ?, ?, ?, ?, 'pending')",
                                  (h, cell.kind, json.dumps(cell.config, sort_keys=True), json.dumps(cell.deps),
                                   str(run_dir_for(cell))))
-                new += cur.rowcount
+                if cur.rowcount:
+                    new.add(h)
                 db.execute("INSERT OR REPLACE INTO members VALUES (?, ?, ?, ?)",
                            (spec, h, pos, json.dumps(cell.axes)))
             db.execute("INSERT INTO invocations (spec, command, spec_text, started) VALUES (?, ?, ?, ?)",
                        (spec, command, spec_text, now()))
         return new
 
-    def retry_failed(self, spec: str) -> int:
-        with self.transaction() as db:
-            cur = db.execute("UPDATE cells SET status = 'pending', error = NULL WHERE status = 'failed' AND hash IN "
-                             "(SELECT hash FROM members WHERE spec = ?)", (spec,))
-        return cur.rowcount
+    @staticmethod
+    def _adopt_moved(db, cells):
+        """Rows stored under an older identity of the same cell (the path of its model folder was once
+        hashed; see ``spec.cell_hash``) take the cell's hash and current config, keeping their results."""
+        from .spec import cell_hash
 
-    def claim(self, spec: str, worker: str | None = None) -> dict | None:
-        """Mark the next runnable cell of ``spec`` as running for ``worker`` and return it; None when no
-        cell can run now (all done, or the rest wait on cells that other workers run)."""
+        stored = {h: (cfg, status) for h, cfg, status in db.execute("SELECT hash, config, status FROM cells")}
+        wanted = {c.hash: c for c in cells if c.hash not in stored}
+        if not wanted:
+            return
+        rank = {"done": 0, "running": 1, "failed": 2, "pending": 3}
+        for old, (cfg, status) in sorted(stored.items(), key=lambda kv: rank.get(kv[1][1], 4)):
+            new = cell_hash(json.loads(cfg))
+            cell = wanted.pop(new, None) if new != old else None
+            if cell is not None:
+                db.execute("UPDATE cells SET hash = ?, config = ? WHERE hash = ?",
+                           (new, json.dumps(cell.config, sort_keys=True), old))
+                db.execute("UPDATE members SET hash = ? WHERE hash = ?", (new, old))
+
+    def retry_failed(self, spec: str, scope: set[str] | None = None) -> int:
+        with self.transaction() as db:
+            failed = [h for (h,) in db.execute("SELECT c.hash FROM cells c JOIN members m ON m.hash = c.hash "
+                                               "WHERE m.spec = ? AND c.status = 'failed'", (spec,))
+                      if scope is None or h in scope]
+            db.executemany("UPDATE cells SET status = 'pending', error = NULL WHERE hash = ?", [(h,) for h in failed])
+        return len(failed)
+
+    def claim(self, spec: str, worker: str | None = None, scope: set[str] | None = None) -> dict | None:
+        """Mark the next runnable cell of ``spec`` (of its cells in ``scope``, when given) as running for
+        ``worker`` and return it; None when no cell can run now (all done, or the rest wait on cells that
+        other workers run)."""
         worker = worker or worker_id()
         with self.transaction() as db:
             rows = db.execute("SELECT c.* FROM cells c JOIN members m ON m.hash = c.hash WHERE m.spec = ? "
                               "AND c.status IN ('pending', 'running') ORDER BY m.position", (spec,)).fetchall()
             status = {r["hash"]: r["status"] for r in db.execute("SELECT hash, status FROM cells")}
             for row in rows:
+                if scope is not None and row["hash"] not in scope:
+                    continue
                 if row["status"] == "running" and not self._abandoned(row):
                     continue
                 deps = json.loads(row["deps"])
@@ -226,11 +252,13 @@ class Store:
             out.append(d)
         return out
 
-    def counts(self, spec: str) -> dict[str, int]:
+    def counts(self, spec: str, scope: set[str] | None = None) -> dict[str, int]:
+        """Cells of ``spec`` (of those in ``scope``, when given) per status."""
         out = dict.fromkeys(STATUSES, 0)
-        for status, n in self.db.execute("SELECT c.status, COUNT(*) FROM members m JOIN cells c ON c.hash = m.hash "
-                                         "WHERE m.spec = ? GROUP BY c.status", (spec,)):
-            out[status] = n
+        for h, status in self.db.execute("SELECT c.hash, c.status FROM members m JOIN cells c ON c.hash = m.hash "
+                                         "WHERE m.spec = ?", (spec,)):
+            if scope is None or h in scope:
+                out[status] += 1
         return out
 
     def invocations(self) -> list[dict]:
