@@ -389,3 +389,13 @@ def test_rows_stored_under_an_older_identity_of_the_same_cell_are_adopted(tmp_pa
     assert row["hash"] == cell.hash and row["status"] == "done" and row["metrics"] == {"acc": 0.5}
     assert row["config"]["model"]["run"] == "/new/place/badnets"   # where the model is now
     assert store.db.execute("SELECT COUNT(*) FROM cells").fetchone()[0] == 2
+
+
+def test_a_default_spelt_out_in_the_spec_names_the_same_cell():
+    plain = expand(parse_spec(TINY))
+    spelt = expand(parse_spec(TINY.replace("{name: nad, epochs_budget: 1}",
+                                           "{name: nad, epochs_budget: 1, params: {lr: 0.1, kd_epochs: 0}}")))
+    assert spelt[3].config["defense"]["params"] != plain[3].config["defense"]["params"]
+    assert [c.hash for c in spelt] == [c.hash for c in plain]
+    other = expand(parse_spec(TINY.replace("{name: nad, epochs_budget: 1}", "{name: nad, epochs_budget: 1, params: {lr: 0.05}}")))
+    assert other[3].hash != plain[3].hash and other[1].hash == plain[1].hash

@@ -99,14 +99,15 @@ def test_an_unused_recovery_stage_is_no_part_of_a_grid_cells_identity():
     on = identity_dict(defenses.create("nad", kd_epochs=5).config)
     assert on["kd_epochs"] == 5 and on["kd_lr"] == 0.05 and on["kd_temperature"] == 4.0
     assert identity_dict(defenses.create("nad", kd_epochs=5, kd_lr=0.01).config) != on
-    # the recovery's own augmentation: absent from the identity until it is set
-    assert "kd_augment" not in on and identity_dict(defenses.create("nad", kd_augment="crop").config) == ident
-    assert identity_dict(defenses.create("nad", kd_epochs=5, kd_augment="crop+flip").config)["kd_augment"] == "crop+flip"
+    # the recovery's own augmentation; "" (the defense's, what the stage did before the field existed)
+    # identifies nothing
+    assert on["kd_augment"] == "crop+flip"
+    assert "kd_augment" not in identity_dict(defenses.create("nad", kd_epochs=5, kd_augment="").config)
 
 
-def test_the_recovery_takes_the_defenses_augmentation_unless_given_its_own():
+def test_the_recovery_leaves_cutout_out_unless_told_to_take_the_defenses_augmentation():
     cfg = defenses.create("nad", kd_epochs=5).config
-    assert cfg.augment == "crop+flip+cutout" and cfg.kd_train_config().augment == "crop+flip+cutout"
-    own = defenses.create("nad", kd_epochs=5, kd_augment="crop+flip").config
-    assert own.augment == "crop+flip+cutout" and own.kd_train_config().augment == "crop+flip"
-    assert own.kd_train_config().epochs == 5 and own.kd_train_config().lr == 0.05
+    assert cfg.augment == "crop+flip+cutout" and cfg.kd_train_config().augment == "crop+flip"
+    same = defenses.create("nad", kd_epochs=5, kd_augment="").config
+    assert same.kd_train_config().augment == "crop+flip+cutout"
+    assert cfg.kd_train_config().epochs == 5 and cfg.kd_train_config().lr == 0.05

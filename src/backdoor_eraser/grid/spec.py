@@ -398,10 +398,12 @@ def cell_hash(config: dict) -> str:
         config = {**config, "model": {"sha256": model["sha256"]}}
     d = config.get("defense")
     if config.get("kind") == "defense" and isinstance(d, dict) and d.get("name") in defenses.DEFENSES:
-        # Fields a defense gained later, sitting at their neutral value, identify nothing (identity_dict):
-        # a config stored before they existed and one stored with them name the same cell.
-        config = {**config, "defense": {**d, "config": drop_idle(defenses.DEFENSES.config_class(d["name"]),
-                                                                 d["config"])}}
+        # The resolved config is the identity: the spec's params are how it was written (a default spelt
+        # out or left implicit is the same cell), and fields a defense gained later, sitting at their
+        # neutral value, identify nothing (identity_dict), so a config stored before they existed and
+        # one stored with them name the same cell.
+        config = {**config, "defense": {"name": d["name"], "preset": d.get("preset"),
+                                        "config": drop_idle(defenses.DEFENSES.config_class(d["name"]), d["config"])}}
     return config_hash(config)
 
 
