@@ -20,17 +20,13 @@ import torch
 from backdoor_eraser.workflows import conv_weight_sq_norm
 from backdoor_eraser.runs import load_model, save_run
 
-DESCRIBED = ("arch", "num_classes", "classes", "normalization", "sites", "input_shape", "files",
-             "toolkit_version", "torch_version", "python_version", "written_at")
-
-
 def main(run: str, out: str, *checkpoints: str) -> None:
     for ckpt in checkpoints:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         model, meta = load_model(run)
         model.net.load_state_dict(state["model"])
         epoch = state["epoch"] + 1
-        meta = {k: v for k, v in meta.items() if k not in DESCRIBED}
+        # save_run writes the model's description, the provenance and the files list afresh.
         meta.update(snapshot_of=str(Path(run).resolve()), snapshot_epoch=epoch,
                     conv_weight_sq_norm=conv_weight_sq_norm(model.net))
         dest = Path(out) / f"ep{epoch}"

@@ -40,22 +40,16 @@ def run_dir_for(out: Path, cell: Cell) -> Path:
     return (out / "cells" / cell.kind / name.replace("/", "_")).resolve()
 
 
-def prepare(spec: GridSpec, out: Path, *, only: dict | None = None, zoo=None,
+def prepare(spec: GridSpec, out: Path, *, run_spec: GridSpec | None = None, zoo=None,
             command: str = "") -> tuple[Store, list[Cell], set[str] | None]:
     """Registers every cell of ``spec`` as its members (so the report shows the whole spec, cells not run
-    yet marked missing); returns the store, the cells to run (those ``only`` keeps) and their hashes
-    (None: all of them)."""
+    yet marked missing); returns the store, the cells to run (those of ``run_spec``, the spec after
+    ``--only``) and their hashes (None: all of the spec's)."""
     cells = expand(spec, zoo=zoo, say=say)
-    scope = None
-    if only:
-        run = expand(spec.filtered(only), zoo=zoo)
-        if not run:
-            raise UserError(f"{spec.source}: the spec after --only has no cells")
-        scope = {c.hash for c in run}
-    else:
-        run = cells
+    run = cells if run_spec is None else expand(run_spec, zoo=zoo)
     if not run:
-        raise UserError(f"{spec.source}: the spec has no cells")
+        raise UserError(f"{spec.source}: the spec{'' if run_spec is None else ' after --only'} has no cells")
+    scope = None if run_spec is None else {c.hash for c in run}
     store = Store(out)
     new = store.add(spec.name, cells, lambda c: run_dir_for(out, c), command=command, spec_text=spec.text)
     counts = store.counts(spec.name, scope)
@@ -79,7 +73,7 @@ def run_bench(spec_name: str, *, out: str | Path | None = None, data_dirs: list[
     """Run (or continue) a grid; returns the store's status counts."""
     spec = load_spec(spec_name)
     only_axes = parse_only(only)
-    spec.filtered(only_axes)  # unknown axis values fail here, before anything is written
+    run_spec = spec.filtered(only_axes) if only_axes else None  # bad axis values fail before anything is written
     out = Path(out or f"runs/{spec.name}")
     if workers < 1:
         raise UserError(f"--workers must be ≥ 1, got {workers}")
@@ -92,7 +86,7 @@ def run_bench(spec_name: str, *, out: str | Path | None = None, data_dirs: list[
     from ..workflows import resolve_device
     resolve_device(device)
     _check_writable(out)
-    store, cells, scope = prepare(spec, out, only=only_axes, zoo=zoo, command=command or _command())
+    store, cells, scope = prepare(spec, out, run_spec=run_spec, zoo=zoo, command=command or _command())
     try:
         if retry_failed:
             say(f"{store.retry_failed(spec.name, scope)} failed cells will run again")

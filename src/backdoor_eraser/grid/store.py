@@ -138,8 +138,9 @@ class Store:
 
     @staticmethod
     def _adopt_moved(db, cells):
-        """Rows stored under an older identity of the same cell (the path of its model folder was once
-        hashed; see ``spec.cell_hash``) take the cell's hash and current config, keeping their results."""
+        """Rows stored under an older identity of the same cell (its model folder's path, the spec's
+        spelling of its params, or fields added since were once hashed; ``spec.cell_hash`` now leaves
+        them out) take the cell's hash and current config, keeping their results."""
         from .spec import cell_hash
 
         stored = {h: (cfg, status) for h, cfg, status in db.execute("SELECT hash, config, status FROM cells")}
