@@ -36,6 +36,7 @@ for kc in kd_cfgs:
     # the recovery stage itself, on a copy of the purified model; unnamed settings as in the exploration
     cfg = dataclasses.replace(d.config, kd_epochs=kc.get("epochs", 10), kd_lr=kc.get("lr", 0.01),
                               kd_schedule=kc.get("schedule", "constant"), kd_temperature=kc.get("T", 4.0),
-                              kd_alpha=kc.get("alpha", 0.9))
+                              kd_alpha=kc.get("alpha", 0.9), kd_augment=kc.get("augment", "crop+flip"),
+                              kd_mixup=kc.get("mixup", False))
     recovered = recover(src, PurifyResult(res.model.copy()), clean, cfg, quiet=True)
     report(f"{method}+kd {kc}", recovered.model, t0)

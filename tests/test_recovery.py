@@ -22,15 +22,36 @@ def test_distil_back_loss_by_hand():
     teacher = fixed_teacher(torch.tensor([[0.0, math.log(3.0)]]))   # softmax [0.25, 0.75]
     student, labels = torch.zeros(1, 2), torch.tensor([1])          # softmax [0.5, 0.5]; CE ln 2
     kl = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)                 # KL([.25, .75] ‖ [.5, .5]) = 0.130812
-    loss, terms = DistilBack(teacher, temperature=1.0, alpha=0.5)(student, torch.zeros(1, 3, 2, 2), labels)
+    loss, terms = DistilBack(teacher, temperature=1.0, alpha=0.5).loss(student, torch.zeros(1, 3, 2, 2), labels)
     assert loss.item() == pytest.approx(0.5 * kl + 0.5 * math.log(2), rel=1e-5)
     assert terms["kd"].item() == pytest.approx(kl, rel=1e-5) and terms["ce"].item() == pytest.approx(math.log(2))
     # T = 2: the teacher's softmax of [0, ln 3 / 2] is [1, √3] / (1 + √3); the KL term is scaled by T² = 4
     p = 1 / (1 + math.sqrt(3))
     kl2 = p * math.log(2 * p) + (1 - p) * math.log(2 * (1 - p))
-    loss, terms = DistilBack(teacher, temperature=2.0, alpha=0.9)(student, torch.zeros(1, 3, 2, 2), labels)
+    loss, terms = DistilBack(teacher, temperature=2.0, alpha=0.9).loss(student, torch.zeros(1, 3, 2, 2), labels)
     assert terms["kd"].item() == pytest.approx(4 * kl2, rel=1e-5)
     assert loss.item() == pytest.approx(0.9 * 4 * kl2 + 0.1 * math.log(2), rel=1e-5)
+
+
+def test_mixup_mixes_each_image_with_another_of_its_batch_and_weighs_both_labels():
+    x = torch.tensor([0, 100, 255], dtype=torch.uint8)[:, None, None, None].expand(3, 1, 2, 2).contiguous()
+    y = torch.tensor([0, 1, 1])
+    task = DistilBack(fixed_teacher(torch.zeros(1, 2)), temperature=1.0, alpha=0.0, mixup=True)
+    g = torch.Generator().manual_seed(5)
+    lam, perm = torch.rand(3, generator=g), torch.randperm(3, generator=torch.Generator().set_state(g.get_state()))
+    mixed, labels = task.before_augment(x, y, torch.Generator().manual_seed(5))
+    values = torch.tensor([0.0, 100.0, 255.0])
+    expect = (lam * values + (1 - lam) * values[perm]).round()
+    assert mixed.dtype == torch.uint8 and torch.equal(labels, y)
+    assert torch.equal(mixed[:, 0, 0, 0], expect.to(torch.uint8)) and torch.equal(mixed, mixed[:, :, :1, :1].expand_as(mixed))
+    # α = 0: the loss is the CE of both labels weighted by their shares λ and 1 − λ
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    ce = lambda target: torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    loss, terms = task.loss(logits, torch.zeros(3, 1, 2, 2), y)
+    assert loss.item() == pytest.approx((lam * ce(y) + (1 - lam) * ce(y[perm])).mean().item(), rel=1e-6)
+    # without mixup nothing is rewritten
+    plain = DistilBack(fixed_teacher(torch.zeros(1, 2)), temperature=1.0, alpha=0.0)
+    assert plain.before_augment(x, y, g)[0] is x
 
 
 def tiny(n=40):
@@ -74,6 +95,18 @@ def test_recovery_resumes_exactly(kill_and_resume):
     assert same_rows(again.history, whole.history) and len(whole.history) == 5
 
 
+def test_recovery_with_mixup_resumes_exactly_and_differs_from_plain(kill_and_resume):
+    data = tiny()
+    model = new_model("wrn-10-1", data.classes, (3, 8, 8), Normalization(), "cpu", 0)
+    make = lambda **kw: defenses.create("finetune", epochs=1, batch_size=16, kd_epochs=2, **kw)
+    whole, again = kill_and_resume(lambda: make(kd_mixup=True), model, data, 2)
+    a, b = again.model.net.state_dict(), whole.model.net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and same_rows(again.history, whole.history)
+    plain = make().purify(model, data, quiet=True)
+    assert same_rows(plain.history[:1], whole.history[:1])   # the fine-tuning epoch is the same
+    assert plain.history[-1]["kd"] != whole.history[-1]["kd"]
+
+
 @pytest.mark.parametrize("bad", [dict(kd_epochs=-1), dict(kd_temperature=0.0), dict(kd_alpha=1.5),
                                  dict(kd_schedule="sometimes"), dict(kd_epochs=2, kd_augment="crop+blur")])
 def test_bad_recovery_settings_are_refused(bad):
@@ -103,6 +136,7 @@ def test_an_unused_recovery_stage_is_no_part_of_a_grid_cells_identity():
     # identifies nothing
     assert on["kd_augment"] == "crop+flip"
     assert "kd_augment" not in identity_dict(defenses.create("nad", kd_epochs=5, kd_augment="").config)
+    assert "kd_mixup" not in on and identity_dict(defenses.create("nad", kd_epochs=5, kd_mixup=True).config)["kd_mixup"]
 
 
 def test_the_recovery_leaves_cutout_out_unless_told_to_take_the_defenses_augmentation():

@@ -47,6 +47,11 @@ class RecoverableConfig(DefenseTrainConfig):
     kd_alpha: float = field(default=0.9, metadata={"with": "kd_epochs"})
     # "" (the defense's augmentation) is what the stage did before this field existed.
     kd_augment: str = field(default="crop+flip", metadata={"neutral": "", "with": "kd_epochs"})
+    # Mix pairs of clean images (per-image weight λ ~ U(0, 1)) before augmenting them: the teacher is
+    # matched on images between the clean subset's, which a 2,500-image subset otherwise lacks (Beyer et
+    # al., "Knowledge distillation: a good teacher is patient and consistent", CVPR 2022: consistent
+    # inputs, mixup and long schedules). Off (False) is what the stage did before the field existed.
+    kd_mixup: bool = field(default=False, metadata={"neutral": False, "with": "kd_epochs"})
 
     def check(self):
         super().check()
@@ -59,17 +64,36 @@ class RecoverableConfig(DefenseTrainConfig):
                                  augment=self.kd_augment or self.augment)
 
 
-class DistilBack:
+class DistilBack(Task):
     """α·T²·KL(teacher ‖ student at temperature T) + (1 − α)·CE, the teacher's logits computed on the
-    step's own (augmented, normalised) inputs."""
+    step's own (augmented, normalised) inputs. With ``mixup`` each uint8 image is first mixed with
+    another of its batch, λ·x_i + (1 − λ)·x_π(i), λ ~ U(0, 1) per image, and the CE term weighs both
+    labels by their share; the generator is the loop's, so a resumed run mixes the same way."""
 
-    def __init__(self, teacher: Classifier, temperature: float, alpha: float):
-        self.teacher, self.t, self.alpha = teacher, float(temperature), float(alpha)
+    def __init__(self, teacher: Classifier, temperature: float, alpha: float, mixup: bool = False):
+        super().__init__()
+        self.teacher, self.t, self.alpha, self.mixup = teacher, float(temperature), float(alpha), mixup
+        self._mix: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def __call__(self, logits, inputs, labels):
+    def before_augment(self, x, y, generator):
+        if not self.mixup:
+            return x, y
+        n = len(x)
+        lam = torch.rand(n, generator=generator, device="cpu").to(x.device)
+        perm = torch.randperm(n, generator=generator, device="cpu").to(x.device)
+        mixed = lam[:, None, None, None] * x.float() + (1 - lam[:, None, None, None]) * x[perm].float()
+        self._mix = (lam, y[perm])
+        return mixed.round_().clamp_(0, 255).to(x.dtype), y
+
+    def loss(self, logits, inputs, labels):
         with torch.no_grad():
             target = F.log_softmax(self.teacher.net(inputs).float() / self.t, 1)
-        ce = F.cross_entropy(logits, labels)
+        if self._mix is None:
+            ce = F.cross_entropy(logits, labels)
+        else:
+            lam, other = self._mix
+            ce = (lam * F.cross_entropy(logits, labels, reduction="none")
+                  + (1 - lam) * F.cross_entropy(logits, other, reduction="none")).mean()
         kd = F.kl_div(F.log_softmax(logits.float() / self.t, 1), target, reduction="batchmean",
                       log_target=True) * self.t ** 2
         return self.alpha * kd + (1 - self.alpha) * ce, {"ce": ce.detach(), "kd": kd.detach()}
@@ -84,7 +108,7 @@ def recover(original: Classifier, result: PurifyResult, clean, cfg: RecoverableC
     teacher = original.copy()
     teacher.net.eval().requires_grad_(False)
     res = Trainer(cfg.kd_train_config(), desc="kd recovery", quiet=quiet).fit(
-        result.model, clean, task=Task(DistilBack(teacher, cfg.kd_temperature, cfg.kd_alpha)),
+        result.model, clean, task=DistilBack(teacher, cfg.kd_temperature, cfg.kd_alpha, cfg.kd_mixup),
         run_dir=run_dir / KD_STAGE.folder if run_dir else None, resume=resume)
     info = result.info
     epochs, steps = info.get("total_epochs", info.get("epochs", 0)), info.get("total_steps", info.get("steps", 0))
