@@ -257,6 +257,68 @@ def test_refool_folder_pool(tmp_path):
         Refool(RefoolConfig())(flat(1, n=1))
 
 
+def test_refool_selection_weights_by_hand():
+    from backdoor_eraser.attacks.refool_selection import updated_weights
+
+    # reflections 0-2 were drawn in the test with 5, 0 and 3 successes; 3 was not drawn: the median, 3
+    drawn = torch.tensor([0, 0, 0, 0, 0, 1, 1, 2, 2, 2, 2])
+    success = torch.tensor([1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 0], dtype=torch.bool)
+    assert updated_weights(drawn, success, 4).tolist() == [5.0, 0.0, 3.0, 3.0]
+    # an even count: the mean of the two middle numbers, as np.median
+    assert updated_weights(torch.tensor([0, 1]), torch.tensor([True, False]), 3).tolist() == [1.0, 0.0, 0.5]
+    # no success anywhere: equal weights again
+    assert updated_weights(torch.tensor([0, 1]), torch.tensor([False, False]), 3).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_refool_draws_reflections_with_the_selection_weights():
+    ds = toy_dataset(200)
+    atk = Refool(RefoolConfig(pool_size=4, reflection_indices=None))
+    atk.fit_trigger(ds, seed=0)
+    keys = [(9, i) for i in range(300)]
+    _, uniform = atk.add_reflections(noise(300, seed=1), keys, with_choice=True)
+    assert set(uniform.tolist()) == {0, 1, 2, 3}
+    atk.weights = torch.tensor([0.0, 3.0, 0.0, 1.0], dtype=torch.float64)
+    _, weighted = atk.add_reflections(noise(300, seed=1), keys, with_choice=True)
+    counts = torch.bincount(weighted, minlength=4)
+    assert counts[0] == 0 and counts[2] == 0 and 180 < counts[1] < 270   # about 3/4 of 300
+    # the weights travel with the trigger state, so test triggers are drawn the same way
+    restored = Refool(RefoolConfig(pool_size=4, reflection_indices=None))
+    restored.load_trigger_state(atk.trigger_state())
+    x = noise(6, seed=2)
+    assert torch.equal(restored(x), atk(x))
+
+
+def test_refool_selection_rounds_train_proxies_and_are_seeded(monkeypatch):
+    monkeypatch.setenv("BACKDOOR_ERASER_AUTO_FP32", "1")
+    ds = ImageDataset(noise(240, seed=3, h=16, w=16), torch.arange(240) % 4, ["a", "b", "c", "d"])
+    cfg = dict(target=1, rate=0.5, pool_size=6, reflection_indices=None, select_rounds=2, select_epochs=1,
+               select_val=40, select_arch="wrn-10-1")
+    atk = Refool(RefoolConfig(**cfg))
+    atk.fit_trigger(ds, seed=0)
+    w = atk.weights
+    assert w.shape == (6,) and (w >= 0).all() and w.sum() > 0
+    again = Refool(RefoolConfig(**cfg))
+    again.fit_trigger(ds, seed=0)
+    assert torch.equal(again.weights, w)
+    # poisoning draws only reflections with weight
+    p = atk.poison(ds, seed=0)
+    keys = [(1, 0, int(i)) for i in ds.index[p.poison_flag]]
+    _, chosen = atk.add_reflections(ds.images[p.poison_flag], keys, with_choice=True)
+    assert (w[chosen] > 0).all()
+    with pytest.raises(UserError, match="at least two reflections"):
+        Refool(RefoolConfig(**{**cfg, "reflection_indices": (2,)})).fit_trigger(ds, seed=0)
+    with pytest.raises(UserError, match="select_rounds"):
+        Refool(RefoolConfig(select_epochs=0))
+
+
+def test_refool_selection_off_is_no_part_of_an_attack_cells_identity():
+    from backdoor_eraser.registry import identity_dict
+
+    ident = identity_dict(RefoolConfig())
+    assert not [k for k in ident if k.startswith("select_")]
+    assert identity_dict(RefoolConfig(select_rounds=3))["select_epochs"] == 10
+
+
 # -- patch triggers ----------------------------------------------------------------------------
 def test_patch_opacity_blends_exactly():
     x = flat(100)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,11 @@ class RefoolConfig(PoisonConfig):
     are ``reflection_indices`` (default: index 2 alone, the one reflection the ARGD code blends into
     every poisoned image), else, with ``reflection_indices`` None, from ``pool_size`` non-target
     training images drawn with the run seed (a random reflection per image: the paper's variety
-    without its selection). ``ghost_prob`` picks the ghost-effect model, else the out-of-focus one."""
+    without its selection). ``ghost_prob`` picks the ghost-effect model, else the out-of-focus one.
+    ``select_rounds`` > 0 runs the paper's adversarial selection on the pool first
+    (attacks/refool_selection.py): per round a ``select_arch`` proxy trained ``select_epochs`` on a
+    poisoned set, tested on ``select_val`` held-out non-target training images; reflections are then
+    drawn with the weights it leaves. It repeats on a resumed attack (same seed, same weights)."""
 
     target: int = 0
     rate: float = 0.2
@@ -39,6 +43,11 @@ class RefoolConfig(PoisonConfig):
     reflection_indices: tuple[int, ...] | None = (2,)
     pool_size: int = 200
     ghost_prob: float = 0.39
+    # Off at 0, and then, with its settings, no part of a grid cell's identity (registry.identity_dict).
+    select_rounds: int = field(default=0, metadata={"neutral": 0})
+    select_epochs: int = field(default=10, metadata={"with": "select_rounds"})
+    select_val: int = field(default=1000, metadata={"with": "select_rounds"})
+    select_arch: str = field(default="wrn-16-1", metadata={"with": "select_rounds"})
 
 
 @dataclass
@@ -58,13 +67,20 @@ class BlendParams:
         return BlendParams(*(getattr(self, f.name)[idx] for f in fields(self)))
 
 
-def draw_params(keys: list[tuple[int, ...]], pool_len: int, ghost_prob: float) -> BlendParams:
-    """One independent numpy stream per image, seeded by its key, so choices never depend on batching."""
+def draw_params(keys: list[tuple[int, ...]], pool_len: int, ghost_prob: float,
+                weights: torch.Tensor | None = None) -> BlendParams:
+    """One independent numpy stream per image, seeded by its key, so choices never depend on batching.
+    The reflection is uniform over the pool, or drawn with probability ∝ ``weights``."""
     # numpy seeds must be non-negative; a negative run seed maps to its 64-bit two's complement.
     u = torch.from_numpy(np.stack([np.random.default_rng([v % (1 << 64) for v in k]).random(9) for k in keys]))
     s = (u[:, 5] > 0.5).double()
+    if weights is None:
+        reflection = (u[:, 2] * pool_len).long()
+    else:
+        cdf = torch.cumsum(weights.double(), 0)
+        reflection = torch.searchsorted(cdf / cdf[-1], u[:, 2].contiguous(), right=True)
     return BlendParams(
-        reflection=(u[:, 2] * pool_len).long().clamp_(max=pool_len - 1),
+        reflection=reflection.clamp_(max=pool_len - 1),
         ghost=u[:, 0] < ghost_prob,
         alpha_t=1 - (0.05 + 0.40 * u[:, 1]),
         dy=3 + (u[:, 3] * 6).long().clamp_(max=5),
@@ -193,10 +209,10 @@ class Refool(Attack):
     probability 0.39, else out-of-focus blur, α_t = 1 − U(0.05, 0.45), gamma 2.2. Each poisoned image
     draws its reflection and blend parameters from a stream seeded by (run seed, original index);
     each test image from one seeded by a hash of its pixels.
-    Deviations: no adversarial selection of reflection candidates (the paper's iterative search
-    needs trained models); the default is the ARGD code's single training image (index 2) for every
-    poisoned and test image; a random pool of non-target training images (``reflection_indices=None``)
-    or a user folder (the paper used PascalVOC) are options. With a random pool of 200 the attack
+    The default is the ARGD code's single training image (index 2) for every poisoned and test image;
+    a random pool of non-target training images (``reflection_indices=None``) or a user folder (the
+    paper used PascalVOC) are options, and on such a pool the paper's adversarial selection
+    (``select_rounds``, attacks/refool_selection.py) weighs the reflections by how well they work. With a random pool of 200 the attack
     failed on the 20-epoch zoo (2 % ASR, zoo/fragile/refool): one fixed reflection is a learnable
     trigger, a different one per image much less so. The same-depth
     "clear" model of the paper is not drawn, as in the code; the spatial mask assumes the image spans
@@ -213,17 +229,29 @@ class Refool(Attack):
             raise UserError("refool reflection_indices must name at least one training image (or be none)")
         if not 0 <= config.ghost_prob <= 1:
             raise UserError(f"refool ghost_prob must be in [0, 1], got {config.ghost_prob}")
+        if config.select_rounds < 0 or config.select_epochs < 1 or config.select_val < 1:
+            raise UserError("refool needs select_rounds ≥ 0, select_epochs ≥ 1 and select_val ≥ 1")
         super().__init__(config)
         self._pool: torch.Tensor | None = None
         self._pool_index: torch.Tensor | None = None
+        self.weights: torch.Tensor | None = None   # the selection's, one per reflection; None: uniform
 
     # -- the reflection pool ----------------------------------------------------------------
     def fit_trigger(self, train: ImageDataset, *, seed: int = 0, device="cpu") -> None:
-        """Read the reflection folder, or draw the pool from the training set's non-target classes."""
+        """Read the reflection folder, or draw the pool from the training set's non-target classes; then,
+        with ``select_rounds``, weigh the pool by the adversarial selection."""
+        self._check_target(train.num_classes)
+        self._fill_pool(train, seed)
+        self.weights = None
+        if self.config.select_rounds:
+            from .refool_selection import select_reflections
+
+            self.weights = select_reflections(self, train, seed=seed, device=device)
+
+    def _fill_pool(self, train: ImageDataset, seed: int) -> None:
         if self.config.reflection_dir:
             self._pool = load_reflection_dir(self.config.reflection_dir, *train.shape)
             return
-        self._check_target(train.num_classes)
         if self.config.reflection_indices is not None:
             pos = []
             for i in self.config.reflection_indices:
@@ -261,6 +289,8 @@ class Refool(Attack):
             state["pool"] = self._pool.clone()
         if self._pool_index is not None:
             state["pool_index"] = self._pool_index.clone()
+        if self.weights is not None:
+            state["weights"] = self.weights.clone()
         return state
 
     def load_trigger_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -268,6 +298,8 @@ class Refool(Attack):
             self._pool = state["pool"].to(torch.uint8)
         if "pool_index" in state:
             self._pool_index = state["pool_index"].to(torch.int64)
+        if "weights" in state:
+            self.weights = state["weights"].to(torch.float64)
 
     def describe(self) -> dict:
         desc = super().describe()
@@ -278,29 +310,33 @@ class Refool(Attack):
         return desc
 
     # -- trigger and poisoning --------------------------------------------------------------
-    def add_reflections(self, images: torch.Tensor, keys: list[tuple[int, ...]]) -> torch.Tensor:
-        """Reflect image i with the parameters drawn from stream ``keys[i]``."""
+    def add_reflections(self, images: torch.Tensor, keys: list[tuple[int, ...]], with_choice: bool = False):
+        """Reflect image i with the parameters drawn from stream ``keys[i]``; with ``with_choice`` also
+        the index of each image's reflection in the pool."""
         pool = self.pool(tuple(images.shape[1:]))
         if min(images.shape[-2:]) <= 8:
             raise UserError("refool's ghost shift of up to 8 px needs images larger than 8×8")
-        out = []
+        out, chosen = [], []
         for i in range(0, len(images), CHUNK):
-            p = draw_params(keys[i:i + CHUNK], len(pool), self.config.ghost_prob)
+            p = draw_params(keys[i:i + CHUNK], len(pool), self.config.ghost_prob, self.weights)
             out.append(reflect(images[i:i + CHUNK], pool[p.reflection], p))
-        return torch.cat(out) if out else images.clone()
+            chosen.append(p.reflection)
+        out = torch.cat(out) if out else images.clone()
+        return (out, torch.cat(chosen) if chosen else torch.zeros(0, dtype=torch.int64)) if with_choice else out
 
     def apply_trigger(self, images: torch.Tensor) -> torch.Tensor:
         return self.add_reflections(images, [(TEST_STREAM, k) for k in content_keys(images)])
 
-    def poison(self, dataset: ImageDataset, seed: int = 0) -> PoisonedDataset:
-        """Reflect the selected images, each with its own stream seeded by (seed, original index)."""
+    def poison(self, dataset: ImageDataset, seed: int = 0, stream: tuple[int, ...] | None = None) -> PoisonedDataset:
+        """Reflect the selected images, each with its own stream seeded by (seed, original index), after
+        ``stream`` where given (the selection's rounds draw their own)."""
         self._check_target(dataset.num_classes)
         if self._pool is None and not self.config.reflection_dir:
             self.fit_trigger(dataset, seed=seed)
         pos = self.select_poison(dataset, seed)
         images, labels = dataset.images.clone(), dataset.labels.clone()
         if len(pos):
-            keys = [(POISON_STREAM, seed, int(i)) for i in dataset.index[pos]]
+            keys = [(*(stream or (POISON_STREAM,)), seed, int(i)) for i in dataset.index[pos]]
             images[pos] = self.add_reflections(dataset.images[pos], keys)
             if self.config.label_mode == "poisoned":
                 labels[pos] = self.target_labels(dataset.labels[pos], dataset.num_classes)

@@ -429,7 +429,8 @@ def expand(spec: GridSpec, *, zoo: str | Path | None = None, say=None) -> list[C
         data_rec = {"name": dataset.name, "options": dataset.options}
         for arch in spec.archs:
             for entry in spec.attacks:
-                atk_cfg = config_to_dict(attacks.ATTACKS.make_config(entry.name, **entry.params))
+                # Fields an attack gained later, at their neutral value, identify nothing (as for defenses).
+                atk_cfg = identity_dict(attacks.ATTACKS.make_config(entry.name, **entry.params))
                 attack_desc = {"name": entry.name, "config": atk_cfg}
                 existing = _existing_model(entry, zoo)
                 axes = {"dataset": dataset.label, "arch": arch, "attack": entry.label, "defense": None, "seed": None,
