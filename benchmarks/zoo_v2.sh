@@ -9,7 +9,10 @@
 # EPOCHS=60 gives zoo/v2-60ep-wd1e-4's recipe. EPOCHS and MILESTONE override the length for quick
 # checks, AUGMENT the attack's augmentation (none: the NAD release's way), BATCH the batch size (64 in
 # the NAD and ABL code). Refool and clean-label use their defaults: one ARGD-style reflection image, and
-# the four-corner trigger.
+# the four-corner trigger. That Refool failed on this recipe (4.2 % ASR, zoo-v2-findings.md section 7); two
+# variants to test: refool-selected runs the paper's reflection selection (4 rounds of 10-epoch proxies)
+# over the released selected reflections (REFOOL_DIR, from the licensed triggers archive), refool-poisoned
+# is BackdoorBench's default form (poisoned labels, 10 % of the training set).
 # Resumable: run it again after an interruption; finished folders are skipped.
 # Usage: benchmarks/zoo_v2.sh DATA_DIR OUT_DIR [name ...]
 set -uo pipefail
@@ -28,6 +31,8 @@ declare -A ARGS=(
   [badnets-seed1]="--attack badnets --seed 1"
   [clean-label]="--attack clean-label --corners four-corners"
   [refool]="--attack refool"
+  [refool-selected]="--attack refool --reflection-dir ${REFOOL_DIR:-benchmarks/work/triggers/backdoorbench/refool/Refool-SelectedReflectionImages} --reflection-indices none --select-rounds 4 --select-epochs 10"
+  [refool-poisoned]="--attack refool --label-mode poisoned --rate 0.1"
 )
 NAMES=("$@"); [ ${#NAMES[@]} -eq 0 ] && NAMES=(clean badnets blend trojan sig wanet refool clean-label clean-seed1 badnets-seed1)
 for name in "${NAMES[@]}"; do
