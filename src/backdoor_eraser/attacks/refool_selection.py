@@ -66,8 +66,7 @@ def select_reflections(atk, train: ImageDataset, *, seed: int = 0, device="cpu",
         Trainer(train_cfg, desc=f"refool selection {r + 1}/{cfg.select_rounds}", quiet=quiet).fit(model, poisoned)
         keys = [(SELECT_STREAM, r, 1, seed, int(i)) for i in val.index]
         triggered, drawn = atk.add_reflections(val.images, keys, with_choice=True)
-        with torch.no_grad():
-            pred = torch.cat([model(triggered[i:i + 500]).argmax(1).cpu() for i in range(0, len(triggered), 500)])
+        pred = model.predict(triggered)
         weights = updated_weights(drawn, pred == cfg.target, pool_len)
         if not quiet:
             top = torch.topk(weights, min(5, pool_len))
