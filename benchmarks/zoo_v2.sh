@@ -12,7 +12,9 @@
 # the four-corner trigger. That Refool failed on this recipe (4.2 % ASR, zoo-v2-findings.md section 7); two
 # variants to test: refool-selected runs the paper's reflection selection (4 rounds of 10-epoch proxies)
 # over the released selected reflections (REFOOL_DIR, from the licensed triggers archive), refool-poisoned
-# is BackdoorBench's default form (poisoned labels, 10 % of the training set).
+# is BackdoorBench's default form (poisoned labels, 10 % of the training set). blend-nad is the Blend that the
+# NAD/ARGD papers' tables measured: their code redraws the noise for every image (spec section 4.3), so its
+# backdoor is "20 % white noise present" rather than a fixed key.
 # Resumable: run it again after an interruption; finished folders are skipped.
 # Usage: benchmarks/zoo_v2.sh DATA_DIR OUT_DIR [name ...]
 set -uo pipefail
@@ -24,6 +26,7 @@ declare -A ARGS=(
   [clean]="--attack badnets --rate 0"
   [badnets]="--attack badnets"
   [blend]="--attack blend"
+  [blend-nad]="--attack blend --per-image-noise"
   [trojan]="--attack trojan"
   [sig]="--attack sig"
   [wanet]="--attack wanet"

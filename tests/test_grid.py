@@ -127,9 +127,10 @@ def test_builtin_specs_parse_and_list(capsys):
     for name in ("smoke", "nad-table1", "argd-table1", "sage-table"):
         assert f"{name}: " in out
     spec = load_spec("nad-table1")
-    assert [a.label for a in spec.attacks] == ["badnets", "trojan", "blend", "sig", "clean-label", "refool", "wanet"]
+    assert [a.label for a in spec.attacks] == ["badnets", "trojan", "blend", "blend-nad", "sig", "clean-label",
+                                                   "refool", "wanet"]
     assert spec.seeds == [0, 1, 2] and spec.clean_fractions == [0.05]
-    assert len(expand(spec)) == 7 + 7 * 12 * 3
+    assert len(expand(spec)) == 8 + 8 * 12 * 3
     assert {"nad-release", "nad-no-cutout", "finetune-release", "finetune-no-cutout"} <= {d.label for d in spec.defenses}
 
 

@@ -153,6 +153,21 @@ def test_cell_times():
     assert (t["defense", "nad"]["count"], t["defense", "nad"]["mean"], t["defense", "nad"]["total"]) == (
         3, pytest.approx(20.0), pytest.approx(60.0))
     assert t["defense", "finetune"]["total"] == pytest.approx(12.0)
+    assert t["attack", None]["where"] == {"—": 2}  # no host recorded
+
+
+def test_cell_times_say_where_cells_ran(tmp_path):
+    rows = make_rows()
+    avx512 = {"cpu_capability": "AVX512", "threads": 2, "device": "auto"}
+    for row, host, precision in zip(rows[3:6], [avx512, avx512, {**avx512, "cpu_capability": "AVX2"}],
+                                    ["bf16", "bf16", "none"]):
+        row["host"], row["metrics"]["precision"] = host, precision
+    rows[6]["host"] = {"cpu_capability": "AVX2", "threads": 1, "device": "cuda:0"}
+    t = {(x["kind"], x["defense"]): x for x in cell_times(rows)}
+    assert t["defense", "nad"]["where"] == {"AVX512, 2 threads, bf16": 2, "AVX2, 2 threads, fp32": 1}
+    assert t["defense", "finetune"]["where"] == {"cuda:0, 1 threads": 1, "—": 1}
+    md = write_report(rows, tmp_path, figures=False)["md"].read_text()
+    assert "| defense | nad | 3 | 20.0 s | 60.0 s | AVX512, 2 threads, bf16 (2); AVX2, 2 threads, fp32 (1) |" in md
 
 
 # ---- report --------------------------------------------------------------------------------------
@@ -197,7 +212,7 @@ def test_report_files(tmp_path):
     assert "+5.00 ± 0.00 | +37.00 ± 15.56 | 2 done, 1 failed: RuntimeError: out of memory |" in md
     assert "0 done, 1 failed: RuntimeError: wanet warp \\| broke" in md  # a pipe cannot split the row
     assert "| wanet | nad | 0 |" in md and "0 done, 1 missing" in md
-    assert "## Wall time per cell kind" in md and "| attack | — | 2 | 3.3 min | 6.7 min |" in md
+    assert "## Wall time per cell kind" in md and "| attack | — | 2 | 3.3 min | 6.7 min | — |" in md
     assert "spec `tiny`" in md and "backdoor-eraser bench tiny.yaml --out runs/tiny" in md
 
 

@@ -129,7 +129,7 @@ def run_attack(*, dataset: str, data_dir: str | None, arch: str, attack: str, at
     if triggered is None:
         triggered = atk.triggered_test_set(splits.test)
     metrics = final_metrics(model, splits, atk, triggered, f"the model trained for {out}")
-    metrics.update(epochs=res.epochs, steps=res.steps, train_seconds=res.seconds)
+    metrics.update(epochs=res.epochs, steps=res.steps, train_seconds=res.seconds, precision=res.precision)
     meta = {"kind": "attack", "dataset": dataset_record(dataset, data_dir, data_options), "attack": atk.describe(),
             "train": config_to_dict(train), "precision": res.precision, "seed": seed, "conv_weight_sq_norm": conv_weight_sq_norm(model.net),
             "poison_indices": poisoned.poison_indices.tolist()}
@@ -257,7 +257,8 @@ def run_purify(*, model: str | Path, method: str, out: str | Path, defense_param
     wall = time.perf_counter() - t0
     after = final_metrics(result.model, splits, atk, triggered, f"the model purified for {out}")
     after["val"] = validation_metrics(result.model, val, atk, val_triggered)
-    metrics = {**after, "before": before, "wall_seconds": wall, **{k: v for k, v in result.info.items()
+    metrics = {**after, "before": before, "wall_seconds": wall, "precision": precision,
+               **{k: v for k, v in result.info.items()
                                                                   if k in ("epochs", "steps", "total_epochs", "total_steps")}}
     source = {"model": str(Path(model).resolve()), "model_sha256": model_sha, "attack": atk.describe() if atk else None,
               "attack_run": str(src_dir.resolve()) if src_dir and meta.get("kind") == "attack"

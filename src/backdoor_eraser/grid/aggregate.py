@@ -174,16 +174,37 @@ def _seconds(row: dict) -> float | None:
 
 
 def cell_times(rows: Iterable[dict]) -> list[dict]:
-    """Wall seconds of done cells per (kind, defense): count, mean and total, in order of first appearance."""
+    """Wall seconds of done cells per (kind, defense): count, mean and total, in order of first appearance,
+    and where they ran (CPU capability or device, threads, precision): times from different hosts or
+    precisions do not compare, and ``amp: auto`` resolves per host."""
     times: dict[tuple, list[float]] = {}
+    where: dict[tuple, dict[str, int]] = {}
     for row in rows:
         t = _seconds(row)
         if row["status"] != "done" or t is None:
             continue
         kind = (row.get("config") or {}).get("kind", row["kind"])  # "evaluate" cells are attack-kind rows
-        times.setdefault((kind, row["axes"].get("defense")), []).append(t)
-    return [{"kind": kind, "defense": defense, "count": len(ts), "mean": statistics.fmean(ts), "total": sum(ts)}
-            for (kind, defense), ts in times.items()]
+        key = (kind, row["axes"].get("defense"))
+        times.setdefault(key, []).append(t)
+        ran_on = _ran_on(row)
+        where.setdefault(key, {})
+        where[key][ran_on] = where[key].get(ran_on, 0) + 1
+    return [{"kind": kind, "defense": defense, "count": len(ts), "mean": statistics.fmean(ts), "total": sum(ts),
+             "where": where[(kind, defense)]} for (kind, defense), ts in times.items()]
+
+
+def _ran_on(row: dict) -> str:
+    host = row.get("host") or {}
+    if not host:
+        return "—"
+    device = host.get("device") if host.get("device") not in (None, "auto", "cpu") else host.get("cpu_capability")
+    parts = [str(device or "?")]
+    if host.get("threads"):
+        parts.append(f"{host['threads']} threads")
+    precision = (row.get("metrics") or {}).get("precision")
+    if precision:
+        parts.append("fp32" if precision == "none" else precision)
+    return ", ".join(parts)
 
 
 def detections(rows: Iterable[dict]) -> list[dict]:

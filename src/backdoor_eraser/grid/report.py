@@ -134,7 +134,7 @@ def markdown(summary: list[dict], times: list[dict], invocations: Iterable[dict]
     if dets := detection_rows(dets):
         lines += ["## Detection", ""] + _md_table(DETECTION_HEAD, dets) + [""]
     lines += ["## Wall time per cell kind", ""]
-    lines += _md_table(["kind", "defense", "cells", "mean", "total"], _time_rows(times)) + [""]
+    lines += _md_table(TIME_HEAD, _time_rows(times)) + [""]
     lines += ["## Made by", ""]
     for inv in invocations:
         lines += [f"spec `{inv.get('spec', '')}`" + (f", started {inv['started']}" if inv.get("started") else ""),
@@ -142,8 +142,13 @@ def markdown(summary: list[dict], times: list[dict], invocations: Iterable[dict]
     return "\n".join(lines)
 
 
+TIME_HEAD = ["kind", "defense", "cells", "mean", "total", "ran on"]
+
+
 def _time_rows(times: list[dict]) -> list[list[str]]:
-    return [[t["kind"], t["defense"] or "—", str(t["count"]), seconds(t["mean"]), seconds(t["total"])] for t in times]
+    return [[t["kind"], t["defense"] or "—", str(t["count"]), seconds(t["mean"]), seconds(t["total"]),
+             "; ".join(f"{w} ({n})" if len(t.get("where") or {}) > 1 else w for w, n in (t.get("where") or {}).items())]
+            for t in times]
 
 
 def write_csv(summary: list[dict], path: Path) -> None:
@@ -354,7 +359,7 @@ def html_page(rows: list[dict], summary: list[dict], times: list[dict], invocati
         out += ["<h2>Detection</h2>"]
         out += _html_table(DETECTION_HEAD, ((r, []) for r in dets), "detection")
     out += ["<h2>Wall time per cell kind</h2>"]
-    out += _html_table(["kind", "defense", "cells", "mean", "total"], ((r, []) for r in _time_rows(times)), "wall-time")
+    out += _html_table(TIME_HEAD, ((r, []) for r in _time_rows(times)), "wall-time")
     if pics := pictures(rows):
         out += ['<section id="pictures">', "<h2>Triggers and attention maps</h2>"]
         out += [_img(data, caption, "picture") for caption, data in pics] + ["</section>"]
