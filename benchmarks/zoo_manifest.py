@@ -10,6 +10,7 @@ evaluation cells. The text outside the markers is written by hand.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import sys
@@ -33,10 +34,23 @@ def row(folder: Path) -> str:
         hours = f"snapshot after epoch {meta.get('snapshot_epoch', '?')}"
     else:
         acc, asr = f"{100 * metrics['acc']:.2f}", f"{100 * metrics['asr']:.2f}"
-        hours = f"{metrics.get('train_seconds', 0) / 3600:.2f} ({precision})"
+        hours = f"{training_seconds(folder, metrics) / 3600:.2f} ({precision})"
     return (f"| {folder.name} | {atk['name']} | {params} | {meta.get('seed', 0)} | {acc} | "
             f"{asr} | {shown_norm} | {hours} | "
             f"`{hashlib.sha256(weights).hexdigest()}` | {len(weights) // 1024} KiB |")
+
+
+def training_seconds(folder: Path, metrics: dict) -> float:
+    """The run's training time: the epochs' seconds from history.csv, which covers every epoch of a run
+    that was interrupted and resumed (metrics.json's train_seconds counted only the last process's part
+    before the trainer added the earlier epochs), else train_seconds."""
+    history = folder / "history.csv"
+    if history.exists():
+        with open(history, newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if r.get("seconds")]
+        if rows:
+            return max(sum(float(r["seconds"]) for r in rows), metrics.get("train_seconds", 0))
+    return metrics.get("train_seconds", 0)
 
 
 def main(zoo: str) -> None:

@@ -54,10 +54,14 @@ def test_resume_continues_exactly(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         Trainer(cfg, quiet=True).fit(first, tiny_data(), run_dir=interrupted, callbacks=[Counter(fail_at=2)])
     # the callback fires before the epoch-2 checkpoint, so the checkpoint holds epoch 1; resume from it
+    ckpt = torch.load(interrupted / "checkpoint.pt", weights_only=True)
+    ckpt["history"][0]["seconds"] = 1000.0   # as if epoch 1 had taken long: the run's time must include it
+    torch.save(ckpt, interrupted / "checkpoint.pt")
     part2 = tiny_model(seed=5)  # different init: everything must come from the checkpoint
     res2 = Trainer(cfg, quiet=True).fit(part2, tiny_data(), run_dir=interrupted, resume=True)
     assert res2.resumed_from == 1
     assert [r["epoch"] for r in res2.history] == [1, 2, 3] and res2.steps == 18
+    assert 1000.0 < res2.seconds < 1000.0 + 60
     assert torch.equal(weights(part2), weights(straight))
 
 

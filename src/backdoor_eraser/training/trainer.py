@@ -248,7 +248,8 @@ class Trainer:
         if result.stopped:
             self._say(f"{self.desc}: stopped after epoch {len(result.history)}: {result.stopped}")
         result.epochs = len(result.history) if result.stopped else cfg.epochs
-        result.seconds = time.perf_counter() - t_start
+        # Training time of the whole run: a resumed run adds the epochs it took over from its checkpoint.
+        result.seconds = time.perf_counter() - t_start + sum(r["seconds"] for r in result.history[:start_epoch])
         if cfg.channels_last:
             net.to(memory_format=torch.contiguous_format)
         net.eval()
