@@ -113,6 +113,11 @@ def test_nad_release_preset_is_the_release_recipe():
 def test_other_presets():
     ft = defenses.create("finetune", preset="release").config
     assert ft.epochs == 20 and factors(ft, 20) == [1.0, 1.0] + [0.1] * 18 and ft.augment == "crop+flip+cutout"
+    er = defenses.create("finetune", preset="erase-recover").config
+    assert er.epochs == 10 and factors(er, 10) == [1.0] * 10 and er.augment == "crop+flip+cutout"
+    assert (er.kd_epochs, er.kd_lr, er.kd_schedule, er.kd_augment) == (40, 0.05, "cosine", "crop+flip")
+    # the explored recipe's values, written as flags over the defaults, are the preset
+    assert er == defenses.create("finetune", schedule="constant", epochs=10, kd_epochs=40).config
     argd = defenses.create("argd", preset="release").config
     assert argd.release_compat and factors(argd, 10) == [1, 1, 1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.01]
     assert not defenses.create("argd", preset="paper").config.release_compat

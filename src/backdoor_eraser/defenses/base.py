@@ -39,6 +39,13 @@ NAD_PAPER_SCHEDULE = dict(NAD_OPTIMISER, epochs=10, schedule="step", step_size=2
 # NAD release (main.py at HEAD): 20 epochs, 0.1 for epochs 0-1, then 0.01; crop + flip + Cutout(1, 3).
 NAD_RELEASE_SCHEDULE = dict(NAD_OPTIMISER, epochs=20, schedule="multistep", milestones=(2,), gamma=0.1,
                             augment="crop+flip+cutout", cutout_holes=1, cutout_length=3)
+# Erase, then recover (benchmarks/results/erase-harder-findings.md): 10 epochs at a constant lr 0.1 (the
+# paper's schedule leaves it after 2), which erases the fixed-key Blend that the ÷10 schedule leaves at
+# 16-82 % ASR, then 40 epochs distilling the input model's clean predictions back (recovery.py) to win back
+# the accuracy those steps cost.
+ERASE_RECOVER_SCHEDULE = dict(NAD_OPTIMISER, epochs=10, schedule="constant", milestones=(), augment="crop+flip+cutout",
+                              kd_epochs=40, kd_lr=0.05, kd_schedule="cosine", kd_temperature=4.0, kd_alpha=0.9,
+                              kd_augment="crop+flip")
 
 
 @dataclass(frozen=True)
