@@ -258,8 +258,7 @@ def run_purify(*, model: str | Path, method: str, out: str | Path, defense_param
     after = final_metrics(result.model, splits, atk, triggered, f"the model purified for {out}")
     after["val"] = validation_metrics(result.model, val, atk, val_triggered)
     metrics = {**after, "before": before, "wall_seconds": wall, "precision": precision,
-               **{k: v for k, v in result.info.items()
-                                                                  if k in ("epochs", "steps", "total_epochs", "total_steps")}}
+               **{k: v for k, v in result.info.items() if k in ("epochs", "steps", "total_epochs", "total_steps")}}
     source = {"model": str(Path(model).resolve()), "model_sha256": model_sha, "attack": atk.describe() if atk else None,
               "attack_run": str(src_dir.resolve()) if src_dir and meta.get("kind") == "attack"
               else meta.get("source", {}).get("attack_run"), "dataset": data_rec}

@@ -3,6 +3,7 @@ reference defense, and wall time per cell kind. Values stay fractions in [0, 1],
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from collections.abc import Iterable
 
 METRICS = ("acc", "asr", "ra", "acc_drop", "der", "val_acc_drop", "val_asr")
@@ -178,7 +179,7 @@ def cell_times(rows: Iterable[dict]) -> list[dict]:
     and where they ran (CPU capability or device, threads, precision): times from different hosts or
     precisions do not compare, and ``amp: auto`` resolves per host."""
     times: dict[tuple, list[float]] = {}
-    where: dict[tuple, dict[str, int]] = {}
+    where: dict[tuple, Counter] = {}
     for row in rows:
         t = _seconds(row)
         if row["status"] != "done" or t is None:
@@ -186,11 +187,9 @@ def cell_times(rows: Iterable[dict]) -> list[dict]:
         kind = (row.get("config") or {}).get("kind", row["kind"])  # "evaluate" cells are attack-kind rows
         key = (kind, row["axes"].get("defense"))
         times.setdefault(key, []).append(t)
-        ran_on = _ran_on(row)
-        where.setdefault(key, {})
-        where[key][ran_on] = where[key].get(ran_on, 0) + 1
+        where.setdefault(key, Counter())[_ran_on(row)] += 1
     return [{"kind": kind, "defense": defense, "count": len(ts), "mean": statistics.fmean(ts), "total": sum(ts),
-             "where": where[(kind, defense)]} for (kind, defense), ts in times.items()]
+             "where": dict(where[(kind, defense)])} for (kind, defense), ts in times.items()]
 
 
 def _ran_on(row: dict) -> str:

@@ -146,9 +146,11 @@ TIME_HEAD = ["kind", "defense", "cells", "mean", "total", "ran on"]
 
 
 def _time_rows(times: list[dict]) -> list[list[str]]:
+    def ran_on(where: dict[str, int]) -> str:  # counts only where the cells of a row ran in several ways
+        return "; ".join(f"{w} ({n})" if len(where) > 1 else w for w, n in where.items())
+
     return [[t["kind"], t["defense"] or "—", str(t["count"]), seconds(t["mean"]), seconds(t["total"]),
-             "; ".join(f"{w} ({n})" if len(t.get("where") or {}) > 1 else w for w, n in (t.get("where") or {}).items())]
-            for t in times]
+             ran_on(t.get("where") or {})] for t in times]
 
 
 def write_csv(summary: list[dict], path: Path) -> None:
