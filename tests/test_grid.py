@@ -400,3 +400,13 @@ def test_a_default_spelt_out_in_the_spec_names_the_same_cell():
     assert [c.hash for c in spelt] == [c.hash for c in plain]
     other = expand(parse_spec(TINY.replace("{name: nad, epochs_budget: 1}", "{name: nad, epochs_budget: 1, params: {lr: 0.05}}")))
     assert other[3].hash != plain[3].hash and other[1].hash == plain[1].hash
+
+
+SPECS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "specs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+def test_committed_benchmark_specs_parse(path):
+    """A typo in a committed spec (an unknown defense, preset or key) fails here, not hours into a run."""
+    spec = load_spec(str(path))
+    assert spec.name == path.stem and spec.attacks and spec.seeds

@@ -118,6 +118,11 @@ def test_other_presets():
     assert (er.kd_epochs, er.kd_lr, er.kd_schedule, er.kd_augment) == (40, 0.05, "cosine", "crop+flip")
     # the explored recipe's values, written as flags over the defaults, are the preset
     assert er == defenses.create("finetune", schedule="constant", epochs=10, kd_epochs=40).config
+    for name in ("nad", "argd"):  # the same structure for the distillations, teacher included
+        er = defenses.create(name, preset="erase-recover").config
+        assert factors(er, 10) == [1.0] * 10 and er.teacher_epochs == 10 and er.augment == "crop+flip+cutout"
+        assert factors(er.train_config(epochs=er.teacher_epochs), 10) == [1.0] * 10
+        assert er == defenses.create(name, schedule="constant", milestones=(), epochs=10, kd_epochs=40).config
     argd = defenses.create("argd", preset="release").config
     assert argd.release_compat and factors(argd, 10) == [1, 1, 1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.01]
     assert not defenses.create("argd", preset="paper").config.release_compat

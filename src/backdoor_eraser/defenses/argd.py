@@ -15,7 +15,7 @@ from ..classifier import Classifier
 from ..errors import UserError
 from ..training import Task, Trainer, eval_columns
 from .attention import ATTENTION_FUNCTIONS, DISTANCES, EPS, attention_map, normalize_map
-from .base import NAD_OPTIMISER, Defense, PurifyResult, Stage
+from .base import ERASE_RECOVER_SCHEDULE, NAD_OPTIMISER, Defense, PurifyResult, Stage
 from .nad import AttentionDistillation, check_distillation, check_teacher, freeze, make_teacher
 from .recovery import KD_STAGE, RecoverableConfig, recover
 
@@ -215,6 +215,8 @@ class ARGD(Defense):
     than the release's SemCKD-style module; node weights (1000, 1000, 1000) instead of (2000, 5000, 2000); edges
     are plain L2 distances (no batch-max normalisation); the teacher is a fine-tuned WRN-16-1 as the paper
     says (the release hard-codes a WRN-40-2 whose weights are missing); no Cutout; a seeded clean subset.
+    Presets: ``paper``, ``release`` and ``erase-recover`` (teacher and student at a constant lr 0.1 for 10
+    epochs each, then the 40-epoch recovery stage; our evidence, not the paper's).
     """
 
     name = "argd"
@@ -226,6 +228,8 @@ class ARGD(Defense):
                       augment="crop+flip+cutout", release_compat=False, teacher_epochs=10),
         "release": dict(NAD_OPTIMISER, epochs=10, schedule="multistep", milestones=RELEASE_MILESTONES, gamma=0.1,
                         augment="crop+flip+cutout", release_compat=True, teacher_epochs=10),
+        # Fine-tuning's erase-recover structure (base.ERASE_RECOVER_SCHEDULE) for teacher and student alike.
+        "erase-recover": dict(ERASE_RECOVER_SCHEDULE, release_compat=False, teacher_epochs=10),
     }
 
     def __init__(self, config: ARGDConfig):

@@ -13,7 +13,7 @@ from ..models.taps import FeatureTaps
 from ..runs import new_model
 from ..training import Task, Trainer, TrainConfig, eval_columns
 from .attention import ATTENTION_FUNCTIONS, DISTANCES, attention_distance, attention_map, normalize_map
-from .base import NAD_PAPER_SCHEDULE, NAD_RELEASE_SCHEDULE, Defense, PurifyResult, Stage
+from .base import ERASE_RECOVER_SCHEDULE, NAD_PAPER_SCHEDULE, NAD_RELEASE_SCHEDULE, Defense, PurifyResult, Stage
 from .recovery import KD_STAGE, RecoverableConfig, recover
 
 
@@ -162,7 +162,8 @@ class NAD(Defense):
     says, the release's β and Cutout; a seeded clean subset (the release's is unseeded). Presets:
     ``paper`` (β = 5000 on every group, spec §5.4 decision), ``release`` (main.py at HEAD: 20 student
     epochs, 0.1 → 0.01 at epoch 2, Cutout(1, 3)) and ``fast`` (the defaults with 4 teacher and 5 student
-    epochs: the schedule's low-lr tail cut). The release's pre-2022 bug that detached the
+    epochs: the schedule's low-lr tail cut) and ``erase-recover`` (teacher and student at a constant lr 0.1
+    for 10 epochs each, then the 40-epoch recovery stage; our evidence, not a paper's). The release's pre-2022 bug that detached the
     distillation terms is, of course, not reproduced.
     """
 
@@ -175,6 +176,8 @@ class NAD(Defense):
         # lr ÷10 every 2 epochs leaves epochs 6-10 of each stage at lr ≤ 1e-3, where the weights barely move;
         # the student keeps 5 epochs, the teacher (cheaper per epoch, no distillation) 4.
         "fast": dict(NAD_PAPER_SCHEDULE, beta=(500.0, 1000.0, 1000.0), distance="code", epochs=5, teacher_epochs=4),
+        # Fine-tuning's erase-recover structure (base.ERASE_RECOVER_SCHEDULE) for teacher and student alike.
+        "erase-recover": dict(ERASE_RECOVER_SCHEDULE, beta=(500.0, 1000.0, 1000.0), distance="code", teacher_epochs=10),
     }
 
     def __init__(self, config: NADConfig):
