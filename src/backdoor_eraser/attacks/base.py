@@ -166,11 +166,14 @@ class Attack:
         """A poisoned copy of ``dataset``: triggered images at the selected positions,
         relabelled unless the attack is clean-label."""
         self._check_target(dataset.num_classes)
-        pos = self.select_poison(dataset, seed)
+        return self._poison_at(dataset, self.select_poison(dataset, seed), self)
+
+    def _poison_at(self, dataset: ImageDataset, pos: torch.Tensor, trigger) -> PoisonedDataset:
+        """``dataset`` with ``trigger(images[pos])`` at ``pos``, relabelled there unless clean-label."""
         images = dataset.images.clone()
         labels = dataset.labels.clone()
         if len(pos):
-            images[pos] = self(dataset.images[pos])
+            images[pos] = trigger(dataset.images[pos])
             if self.config.label_mode == "poisoned":
                 labels[pos] = self.target_labels(dataset.labels[pos], dataset.num_classes)
         flag = torch.zeros(len(dataset), dtype=torch.bool)

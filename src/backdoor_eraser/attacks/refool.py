@@ -334,13 +334,5 @@ class Refool(Attack):
         if self._pool is None and not self.config.reflection_dir:
             self.fit_trigger(dataset, seed=seed)
         pos = self.select_poison(dataset, seed)
-        images, labels = dataset.images.clone(), dataset.labels.clone()
-        if len(pos):
-            keys = [(*(stream or (POISON_STREAM,)), seed, int(i)) for i in dataset.index[pos]]
-            images[pos] = self.add_reflections(dataset.images[pos], keys)
-            if self.config.label_mode == "poisoned":
-                labels[pos] = self.target_labels(dataset.labels[pos], dataset.num_classes)
-        flag = torch.zeros(len(dataset), dtype=torch.bool)
-        flag[pos] = True
-        return PoisonedDataset(images, labels, list(dataset.classes), f"{dataset.name}-{self.name}",
-                               dataset.index.clone(), flag, dataset.labels.clone())
+        keys = [(*(stream or (POISON_STREAM,)), seed, int(i)) for i in dataset.index[pos]]
+        return self._poison_at(dataset, pos, lambda images: self.add_reflections(images, keys))

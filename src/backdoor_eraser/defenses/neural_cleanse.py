@@ -301,6 +301,8 @@ def save_masks_png(report: NCReport, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..viz import save_figure
+
     if report.masks is None or report.patterns is None:
         raise UserError("this report carries no masks (it was built from norms only)")
     k = len(report.targets)
@@ -317,10 +319,4 @@ def save_masks_png(report: NCReport, path: str | Path) -> Path:
             axes[r][j].set_yticks([])
     axes[0][0].set_ylabel("mask", fontsize=9)
     axes[1][0].set_ylabel("mask·pattern", fontsize=9)
-    fig.suptitle(f"Neural Cleanse: MAD index {report.mad_index:.2f}, flagged {report.flagged or 'none'}", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, f"Neural Cleanse: MAD index {report.mad_index:.2f}, flagged {report.flagged or 'none'}")
