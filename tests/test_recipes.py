@@ -283,3 +283,27 @@ def test_run_purify_seed_reaches_the_defense_training_and_preset_is_recorded(dem
     assert d["config"]["seed"] == 3 and meta["clean_subset"]["seed"] == 3
     assert d["preset"] == "release" and d["explicit"] == {"epochs": 1, "amp": "none", "seed": 3}
     assert d["config"]["milestones"] == [2] and d["config"]["epochs"] == 1 and meta["precision"] == "none"
+
+
+def test_the_input_model_is_evaluated_on_test_once_per_model_and_split(demo_run, tmp_path, monkeypatch):
+    """A grid worker runs every defense of one model in a row: the second run reuses the input model's
+    test metrics and triggered test set, which equal a fresh evaluation; another split object does not."""
+    from backdoor_eraser import workflows
+    from backdoor_eraser.metrics import evaluate
+    from backdoor_eraser.runs import read_meta
+
+    model = demo_run / "backdoored"
+    splits, _ = workflows.data_for(read_meta(model), None, None, None)
+    calls = []
+    monkeypatch.setattr(workflows, "evaluate", lambda *a, **k: calls.append(k["name"]) or evaluate(*a, **k))
+    monkeypatch.setattr(workflows, "_ON_TEST", {})
+    runs = [workflows.run_purify(model=model, method="finetune", out=tmp_path / f"ft{i}", seed=i, clean_count=64,
+                                 defense_params={"epochs": 1, "amp": "none"}, quiet=True, epoch_eval=False,
+                                 splits=splits) for i in range(2)]
+    assert calls.count(f"model {model}") == 1
+    before = [{k: v for k, v in r["before"].items() if k != "val"} for r in runs]
+    assert before[0] == before[1] and before[0]["asr"] > 0.5
+    other, _ = workflows.data_for(read_meta(model), None, None, None)
+    workflows.run_purify(model=model, method="finetune", out=tmp_path / "ft2", clean_count=64, quiet=True,
+                         defense_params={"epochs": 1, "amp": "none"}, epoch_eval=False, splits=other)
+    assert calls.count(f"model {model}") == 2

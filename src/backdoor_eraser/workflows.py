@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import sys
@@ -239,7 +241,7 @@ def run_purify(*, model: str | Path, method: str, out: str | Path, defense_param
                     "dataset": {"name": data_rec.get("name"), "options": data_rec.get("options") or {}},
                     "clean_subset": None if needs_poisoned else indices_digest(idx.tolist())},
               resume=resume, quiet=quiet)
-    triggered = atk.triggered_test_set(splits.test) if atk else None
+    triggered, before_test = input_model_on_test(src, model_sha, splits, atk, name=f"model {model}")
     if needs_poisoned:
         say(f"{defense.name}: trains on the poisoned training set ({int(data.poison_flag.sum())} of {len(data)} "
             "poisoned); the given model only fixes the architecture", quiet)
@@ -248,8 +250,7 @@ def run_purify(*, model: str | Path, method: str, out: str | Path, defense_param
             f"seed {seed})", quiet)
     val = validation_set(splits, idx, meta)
     val_triggered = atk.triggered_test_set(val) if atk else None
-    before = {**evaluate(src, splits.test, atk, triggered, name=f"model {model}"),
-              "val": validation_metrics(src, val, atk, val_triggered)}
+    before = {**before_test, "val": validation_metrics(src, val, atk, val_triggered)}
     eval_fn = (lambda m: evaluate(m, splits.test, atk, triggered, name=f"the model in training for {out}")) \
         if epoch_eval else None
     t0 = time.perf_counter()
@@ -274,6 +275,36 @@ def run_purify(*, model: str | Path, method: str, out: str | Path, defense_param
     save_run(out, result.model, run_meta, metrics=metrics, history=result.history,
              trigger_state=atk.trigger_state() if atk else None)
     return metrics
+
+
+# (model sha256, attack) -> (test split, triggered test set, the model's test metrics); see input_model_on_test.
+_ON_TEST: dict[tuple, tuple] = {}
+
+
+def input_model_on_test(model: Classifier, model_sha: str, splits: DataSplits, atk, *, name: str) -> tuple:
+    """(triggered test set, the input model's test metrics), kept for the next defense run in this process
+    on the same model: a grid worker runs every defense cell of a model in a row, and both depend only on
+    the weights, the attack with its trigger state and the test split (a triggered Refool or WaNet test
+    set alone takes seconds to build)."""
+    key = (model_sha, json.dumps(atk.describe(), sort_keys=True, default=str) if atk else None,
+           tensors_digest(atk.trigger_state()) if atk else None)
+    hit = _ON_TEST.get(key)
+    if hit is None or hit[0] is not splits.test:
+        triggered = atk.triggered_test_set(splits.test) if atk else None
+        hit = (splits.test, triggered, evaluate(model, splits.test, atk, triggered, name=name))
+        while len(_ON_TEST) >= 2:  # a triggered CIFAR-10 test set is 28 MB
+            _ON_TEST.pop(next(iter(_ON_TEST)))
+        _ON_TEST[key] = hit
+    return hit[1], dict(hit[2])
+
+
+def tensors_digest(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def validation_set(splits: DataSplits, clean_idx: torch.Tensor, meta: dict):

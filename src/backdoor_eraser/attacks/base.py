@@ -84,8 +84,6 @@ class Attack:
     """
 
     name = "attack"
-    #: the paper's poisoning convention; a subclass may default to clean-label.
-    default_label_mode = "poisoned"
 
     def __init__(self, config):
         self.config = config
@@ -192,8 +190,3 @@ class Attack:
 
     def describe(self) -> dict:
         return {"name": self.name, "config": config_to_dict(self.config)}
-
-
-def check_uint8_range(x: torch.Tensor) -> torch.Tensor:
-    """Clip a float batch to [0, 255] and truncate to uint8 like ``np.uint8(np.clip(x, 0, 255))``."""
-    return x.clamp_(0, 255).to(torch.uint8)

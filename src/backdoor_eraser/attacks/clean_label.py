@@ -135,7 +135,6 @@ class CleanLabel(Attack):
     """
 
     name = "clean-label"
-    default_label_mode = "clean"
 
     def __init__(self, config: CleanLabelConfig):
         if config.label_mode != "clean":

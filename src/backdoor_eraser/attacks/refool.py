@@ -220,7 +220,6 @@ class Refool(Attack):
     """
 
     name = "refool"
-    default_label_mode = "clean"
 
     def __init__(self, config: RefoolConfig):
         if config.pool_size < 1:

@@ -59,7 +59,6 @@ class SIG(Attack):
     """
 
     name = "sig"
-    default_label_mode = "clean"
 
     def __init__(self, config: SIGConfig):
         if config.frequency < 0:

@@ -14,17 +14,17 @@ from torch import nn
 from ..classifier import Classifier
 from ..errors import UserError
 from ..training import Task, Trainer, eval_columns
-from .attention import ATTENTION_FUNCTIONS, DISTANCES, EPS, attention_map, normalize_map
+from .attention import DISTANCES, EPS, attention_map, normalize_map
 from .base import ERASE_RECOVER_SCHEDULE, NAD_OPTIMISER, Defense, PurifyResult, Stage
-from .nad import AttentionDistillation, check_distillation, check_teacher, freeze, make_teacher
-from .recovery import KD_STAGE, RecoverableConfig, recover
+from .nad import AttentionDistillation, DistillationConfig, check_distillation, freeze, make_teacher
+from .recovery import KD_STAGE, recover
 
 RELEASE_NODE_BETA = (2000.0, 5000.0, 2000.0)
 RELEASE_MILESTONES = (3, 6)
 
 
 @dataclass
-class ARGDConfig(RecoverableConfig):
+class ARGDConfig(DistillationConfig):
     """Loss = CE + Σ_k node_beta_k·node_k + edge_weight·L_E + embed_weight·L_Em (ARGD paper §3.3–3.4).
 
     Node weights: the paper weighs the k nodes equally (L_N = (1/k)·Σ‖·‖₂) on a per-sample L2 scale
@@ -50,23 +50,13 @@ class ARGDConfig(RecoverableConfig):
     embed_pool: int = 4
     learn_embeddings: bool = True
     release_compat: bool = False
-    p: float = 2.0
-    attention: str = "mean_p"
-    teacher: str = "finetune"
-    teacher_arch: str | None = None
-    teacher_epochs: int = 10
-    sites: tuple[str, ...] | None = None
-    teacher_sites: tuple[str, ...] | None = None
 
     def check(self):
         super().check()
-        check_teacher(self.teacher)
         if self.node_distance not in DISTANCES:
             raise UserError(f"ARGD node_distance must be one of {', '.join(DISTANCES)}, got {self.node_distance!r}")
-        if self.attention not in ATTENTION_FUNCTIONS:
-            raise UserError(f"ARGD attention must be one of {', '.join(ATTENTION_FUNCTIONS)}, got {self.attention!r}")
-        if self.p <= 0 or self.embed_dim < 1 or self.embed_pool < 1:
-            raise UserError("ARGD needs p > 0, embed_dim ≥ 1 and embed_pool ≥ 1")
+        if self.embed_dim < 1 or self.embed_pool < 1:
+            raise UserError("ARGD needs embed_dim ≥ 1 and embed_pool ≥ 1")
 
     def resolved(self) -> "ARGDConfig":
         """The settings actually used: ``release_compat`` overrides the fields it governs."""

@@ -18,22 +18,17 @@ from .recovery import KD_STAGE, RecoverableConfig, recover
 
 
 @dataclass
-class NADConfig(RecoverableConfig):
-    """Defaults: the release's β = (500, 1000, 1000) with its mean-squared distance (``distance='code'``);
-    ``distance='paper'`` uses the paper's per-sample L2 norm. Attention = mean over channels of |a|^p,
-    p = 2, flattened and L2-normalised. Teacher: the backdoored model fine-tuned for ``teacher_epochs``
-    on the clean subset with the same optimiser. ``sites`` defaults to the model's residual groups.
+class DistillationConfig(RecoverableConfig):
+    """What the teacher-student distillations (NAD, ARGD) share: attention = mean over channels of |a|^p,
+    taken at ``sites`` (default the model's residual groups) and the teacher's ``teacher_sites``; the
+    teacher is the backdoored model fine-tuned for ``teacher_epochs`` on the clean subset with the same
+    optimiser, or with ``teacher="scratch"`` a fresh ``teacher_arch`` model (default the student's)
+    trained there. A ``teacher_arch`` other than the student's implies ``scratch``, since a backdoored
+    model cannot be fine-tuned into another architecture; its attention maps are pooled to the
+    student's size where they differ."""
 
-    Teacher studies of the NAD paper (Fig. 4: fine-tuned backdoored vs. clean-from-scratch teacher;
-    Table 2: other architectures): ``teacher="scratch"`` trains a fresh ``teacher_arch`` model (default
-    the student's) on the clean subset for ``teacher_epochs``. A ``teacher_arch`` other than the
-    student's implies ``scratch``, since a backdoored model cannot be fine-tuned into another
-    architecture; its attention maps are pooled to the student's size where they differ."""
-
-    beta: tuple[float, ...] = (500.0, 1000.0, 1000.0)
     p: float = 2.0
     attention: str = "mean_p"
-    distance: str = "code"
     teacher_epochs: int = 10
     sites: tuple[str, ...] | None = None
     teacher_sites: tuple[str, ...] | None = None
@@ -43,12 +38,26 @@ class NADConfig(RecoverableConfig):
     def check(self):
         super().check()
         check_teacher(self.teacher)
-        if self.distance not in DISTANCES:
-            raise UserError(f"NAD distance must be one of {', '.join(DISTANCES)}, got {self.distance!r}")
         if self.attention not in ATTENTION_FUNCTIONS:
-            raise UserError(f"NAD attention must be one of {', '.join(ATTENTION_FUNCTIONS)}, got {self.attention!r}")
+            raise UserError(f"attention must be one of {', '.join(ATTENTION_FUNCTIONS)}, got {self.attention!r}")
         if self.p <= 0:
             raise UserError(f"attention power p must be > 0, got {self.p}")
+
+
+@dataclass
+class NADConfig(DistillationConfig):
+    """Defaults: the release's β = (500, 1000, 1000) with its mean-squared distance (``distance='code'``);
+    ``distance='paper'`` uses the paper's per-sample L2 norm; p = 2, maps flattened and L2-normalised.
+    Teacher studies of the NAD paper: Fig. 4 (fine-tuned backdoored vs. clean-from-scratch teacher,
+    ``teacher="scratch"``) and Table 2 (other architectures, ``teacher_arch``)."""
+
+    beta: tuple[float, ...] = (500.0, 1000.0, 1000.0)
+    distance: str = "code"
+
+    def check(self):
+        super().check()
+        if self.distance not in DISTANCES:
+            raise UserError(f"NAD distance must be one of {', '.join(DISTANCES)}, got {self.distance!r}")
 
 
 TEACHERS = ("finetune", "scratch")

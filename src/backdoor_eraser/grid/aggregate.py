@@ -9,7 +9,6 @@ from collections.abc import Iterable
 METRICS = ("acc", "asr", "ra", "acc_drop", "der", "val_acc_drop", "val_asr")
 PAIRED = ("acc", "asr")
 BLOCK_KEYS = ("dataset", "arch", "attack", "clean_fraction")
-GROUP_KEYS = BLOCK_KEYS + ("defense",)
 BACKDOORED = "backdoored"
 
 

@@ -148,7 +148,7 @@ def _attention(attack_run: Path, run_dir: Path, splits, method: str):
         return
     image = atk.triggered_test_set(splits.test).images[0]
     models = {"backdoored": load_model(attack_run)[0], method: load_model(run_dir)[0]}
-    attention_figure(models, image, run_dir / "attention.png", title=f"attention of a triggered test image")
+    attention_figure(models, image, run_dir / "attention.png", title="attention of a triggered test image")
 
 
 def _figure(make):

@@ -29,7 +29,6 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -514,6 +513,3 @@ def describe_cells(cells: list[Cell]) -> str:
         [f"{n['detect']} detector runs"] if n["detect"] else [])
     return f"{len(cells)} cells ({', '.join(parts)})"
 
-
-def json_config(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True)
