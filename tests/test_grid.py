@@ -128,7 +128,7 @@ def test_builtin_specs_parse_and_list(capsys):
         assert f"{name}: " in out
     spec = load_spec("nad-table1")
     assert [a.label for a in spec.attacks] == ["badnets", "trojan", "blend", "blend-nad", "sig", "clean-label",
-                                                   "refool", "wanet"]
+                                                   "refool-poisoned", "wanet"]
     assert spec.seeds == [0, 1, 2] and spec.clean_fractions == [0.05]
     assert len(expand(spec)) == 8 + 8 * 12 * 3
     assert {"nad-release", "nad-no-cutout", "finetune-release", "finetune-no-cutout"} <= {d.label for d in spec.defenses}

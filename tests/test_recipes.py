@@ -142,7 +142,7 @@ def test_explicit_values_win_over_a_preset_and_both_are_recorded():
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(UserError, match=r"defense 'nad' has no preset 'quick'; its presets: fast, paper, release"):
+    with pytest.raises(UserError, match=r"defense 'nad' has no preset 'quick'; its presets: erase-recover, fast, paper, release"):
         defenses.create("nad", preset="quick")
     with pytest.raises(UserError, match="its presets: none"):
         defenses.create("anp", preset="paper")
