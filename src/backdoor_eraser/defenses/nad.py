@@ -172,8 +172,8 @@ class NAD(Defense):
     ``paper`` (β = 5000 on every group, spec §5.4 decision), ``release`` (main.py at HEAD: 20 student
     epochs, 0.1 → 0.01 at epoch 2, Cutout(1, 3)) and ``fast`` (the defaults with 4 teacher and 5 student
     epochs: the schedule's low-lr tail cut) and ``erase-recover`` (teacher and student at a constant lr 0.1
-    for 10 epochs each, then the 40-epoch recovery stage; our evidence, not a paper's). The release's pre-2022 bug that detached the
-    distillation terms is, of course, not reproduced.
+    for 10 epochs each, then the 40-epoch recovery stage; our evidence, not a paper's). The release's
+    pre-2022 bug that detached the distillation terms is, of course, not reproduced.
     """
 
     name = "nad"
