@@ -80,6 +80,20 @@ def test_relation_embedding_is_a_softmax_over_teacher_nodes():
     assert torch.allclose(w.sum(-1), torch.ones(4, 2))
 
 
+def test_argd_loss_runs_under_bf16_autocast():
+    """nn.Bilinear has no autocast rule: the relation embedding must not feed it bf16 beside fp32 weights
+    (the default amp 'auto' is bf16 on CPUs that run it natively)."""
+    student, teacher = _clf(seed=0), _clf(seed=1)
+    obj = AttentionGraphDistillation(student, teacher, (1000.0, 1000.0, 1000.0))
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, terms = obj(student.net(x), x, y)
+    loss.backward()
+    assert torch.isfinite(loss) and {"edge", "embed"} <= set(terms)
+    assert all(p.grad is not None for p in obj.trainable_parameters())
+    obj.remove()
+
+
 def _argd_objective(**kw):
     student, teacher = _clf(seed=0), _clf(kw.pop("teacher_arch", "wrn-16-1"), seed=1)
     teacher.net.eval()

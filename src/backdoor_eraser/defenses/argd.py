@@ -13,11 +13,10 @@ from torch import nn
 
 from ..classifier import Classifier
 from ..errors import UserError
-from ..training import Task, Trainer, eval_columns
 from .attention import DISTANCES, EPS, attention_map, normalize_map
 from .base import ERASE_RECOVER_SCHEDULE, NAD_OPTIMISER, Defense, PurifyResult, Stage
-from .nad import AttentionDistillation, DistillationConfig, check_distillation, freeze, make_teacher
-from .recovery import KD_STAGE, recover
+from .nad import AttentionDistillation, DistillationConfig, check_distillation, distil
+from .recovery import KD_STAGE
 
 RELEASE_NODE_BETA = (2000.0, 5000.0, 2000.0)
 RELEASE_MILESTONES = (3, 6)
@@ -148,6 +147,8 @@ class RelationEmbedding(nn.Module):
     def forward(self, teacher_maps: list[torch.Tensor], student_maps: list[torch.Tensor]) -> torch.Tensor:
         rt = [F.relu(w(self.psi(m))) for w, m in zip(self.teacher_proj, teacher_maps)]
         rs = [F.relu(w(self.psi(m))) for w, m in zip(self.student_proj, student_maps)]
+        # float(): autocast has no rule for bilinear, so bf16 projections would meet its fp32 weights
+        rt, rs = [r.float() for r in rt], [r.float() for r in rs]
         logits = torch.stack([torch.cat([wb(s, t) for wb, t in zip(self.bilinear, rt)], 1) for s in rs], 1)
         return torch.softmax(logits * self.scale, dim=-1)
 
@@ -245,29 +246,13 @@ class ARGD(Defense):
                       "embeddings": "learnt" if cfg.learn_embeddings else "frozen at random init",
                       "release_compat": cfg.release_compat, "schedule": cfg.schedule,
                       "milestones": list(cfg.milestones), "attention": cfg.attention, "p": cfg.p, "lr_probe": probe}
-        if teacher is None:
-            teacher, t_info = make_teacher(model, clean, dataclasses.replace(train, epochs=cfg.teacher_epochs),
-                                           kind=cfg.teacher, arch=cfg.teacher_arch,
-                                           run_dir=run_dir / "teacher" if run_dir else None, resume=resume,
-                                           quiet=quiet, desc="argd teacher")
-            info.update(t_info)
-        else:
-            info.update(teacher="given", teacher_arch=teacher.arch)
-        freeze(teacher)
-        student = model.copy()
-        objective = AttentionGraphDistillation(
-            student, teacher, cfg.node_beta, edge_weight=cfg.edge_weight, embed_weight=cfg.embed_weight, p=cfg.p,
-            function=cfg.attention, node_distance=cfg.node_distance, release_edges=cfg.release_compat,
-            embed_dim=cfg.embed_dim, embed_pool=cfg.embed_pool, learn_embeddings=cfg.learn_embeddings,
-            sites=cfg.sites, teacher_sites=cfg.teacher_sites, seed=cfg.seed)
-        try:
-            res = Trainer(train, desc="argd student", quiet=quiet).fit(
-                student, clean, task=Task(objective, parameters=objective.trainable_parameters()),
-                callbacks=eval_columns(eval_fn), run_dir=run_dir, resume=resume)
-        finally:
-            objective.remove()
-        info.update(epochs=res.epochs, steps=res.steps, seconds=res.seconds, sites=objective.sites,
-                    total_epochs=res.epochs + info.get("teacher_epochs", 0),
-                    total_steps=res.steps + info.get("teacher_steps", 0))
-        return recover(model, PurifyResult(student, res.history, info, {"teacher": teacher}), clean, cfg,
-                       run_dir=run_dir, resume=resume, quiet=quiet)
+
+        def objective(student, teacher):
+            return AttentionGraphDistillation(
+                student, teacher, cfg.node_beta, edge_weight=cfg.edge_weight, embed_weight=cfg.embed_weight, p=cfg.p,
+                function=cfg.attention, node_distance=cfg.node_distance, release_edges=cfg.release_compat,
+                embed_dim=cfg.embed_dim, embed_pool=cfg.embed_pool, learn_embeddings=cfg.learn_embeddings,
+                sites=cfg.sites, teacher_sites=cfg.teacher_sites, seed=cfg.seed)
+
+        return distil("argd", model, clean, cfg, train, objective, teacher=teacher, info=info, run_dir=run_dir,
+                      resume=resume, quiet=quiet, eval_fn=eval_fn)

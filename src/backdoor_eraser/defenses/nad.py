@@ -1,6 +1,7 @@
 """NAD: Neural Attention Distillation (Li et al., ICLR 2021), spec §5.4."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,9 +148,41 @@ class AttentionDistillation:
                 loss = loss + beta * d
         return loss, terms
 
+    def trainable_parameters(self) -> list:
+        return []   # all of them are the student's
+
     def remove(self):
         self.student_taps.remove()
         self.teacher_taps.remove()
+
+
+def distil(name: str, model: Classifier, clean, cfg: DistillationConfig, train: TrainConfig, objective_for, *,
+           teacher: Classifier | None, info: dict, run_dir: Path | None, resume: bool, quiet: bool, eval_fn
+           ) -> PurifyResult:
+    """The teacher-student stages NAD and ARGD share: the teacher (``train`` for ``cfg.teacher_epochs``,
+    under ``run_dir``/teacher) unless one is given, the student trained on ``objective_for(student,
+    teacher)`` with ``train``, then the optional recovery stage. ``info`` gains every stage's bookkeeping."""
+    if teacher is None:
+        teacher, t_info = make_teacher(model, clean, dataclasses.replace(train, epochs=cfg.teacher_epochs),
+                                       kind=cfg.teacher, arch=cfg.teacher_arch, resume=resume, quiet=quiet,
+                                       run_dir=run_dir / "teacher" if run_dir else None, desc=f"{name} teacher")
+        info.update(t_info)
+    else:
+        info.update(teacher="given", teacher_arch=teacher.arch)
+    freeze(teacher)
+    student = model.copy()
+    objective = objective_for(student, teacher)
+    try:
+        res = Trainer(train, desc=f"{name} student", quiet=quiet).fit(
+            student, clean, task=Task(objective, parameters=objective.trainable_parameters()),
+            callbacks=eval_columns(eval_fn), run_dir=run_dir, resume=resume)
+    finally:
+        objective.remove()
+    info.update(epochs=res.epochs, steps=res.steps, seconds=res.seconds, sites=objective.sites,
+                total_epochs=res.epochs + info.get("teacher_epochs", 0),
+                total_steps=res.steps + info.get("teacher_steps", 0))
+    return recover(model, PurifyResult(student, res.history, info, {"teacher": teacher}), clean, cfg,
+                   run_dir=run_dir, resume=resume, quiet=quiet)
 
 
 def check_distillation(model: Classifier, beta, *, sites=None, teacher_sites=None, teacher_arch=None) -> None:
@@ -204,24 +237,10 @@ class NAD(Defense):
         cfg, probe = self.fitted_config(model, clean, run_dir, quiet)
         info: dict = {"distance": cfg.distance, "beta": list(cfg.beta), "attention": cfg.attention, "p": cfg.p,
                       "lr_probe": probe}
-        if teacher is None:
-            teacher, t_info = make_teacher(model, clean, cfg.train_config(epochs=cfg.teacher_epochs), kind=cfg.teacher,
-                                           arch=cfg.teacher_arch, run_dir=run_dir / "teacher" if run_dir else None,
-                                           resume=resume, quiet=quiet, desc="nad teacher")
-            info.update(t_info)
-        else:
-            info.update(teacher="given", teacher_arch=teacher.arch)
-        freeze(teacher)
-        student = model.copy()
-        objective = AttentionDistillation(student, teacher, cfg.beta, p=cfg.p, function=cfg.attention,
-                                          distance=cfg.distance, sites=cfg.sites, teacher_sites=cfg.teacher_sites)
-        try:
-            res = Trainer(cfg.train_config(), desc="nad student", quiet=quiet).fit(
-                student, clean, task=Task(objective), callbacks=eval_columns(eval_fn), run_dir=run_dir, resume=resume)
-        finally:
-            objective.remove()
-        info.update(epochs=res.epochs, steps=res.steps, seconds=res.seconds, sites=objective.sites,
-                    total_epochs=res.epochs + info.get("teacher_epochs", 0),
-                    total_steps=res.steps + info.get("teacher_steps", 0))
-        return recover(model, PurifyResult(student, res.history, info, {"teacher": teacher}), clean, cfg,
-                       run_dir=run_dir, resume=resume, quiet=quiet)
+
+        def objective(student, teacher):
+            return AttentionDistillation(student, teacher, cfg.beta, p=cfg.p, function=cfg.attention,
+                                         distance=cfg.distance, sites=cfg.sites, teacher_sites=cfg.teacher_sites)
+
+        return distil("nad", model, clean, cfg, cfg.train_config(), objective, teacher=teacher, info=info,
+                      run_dir=run_dir, resume=resume, quiet=quiet, eval_fn=eval_fn)

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from .aggregate import BACKDOORED, BLOCK_KEYS, cell_times, detections, summarize
+from .aggregate import BACKDOORED, BLOCK_KEYS, cell_times, detections, summarize, training_runs
 
 PICTURES = ("trigger.png", "attention.png")
 CURVE_METRICS = ("acc", "asr", "ra")
@@ -123,7 +123,7 @@ def _md_table(head: list[str], body: Iterable[list[str]]) -> list[str]:
 
 
 def markdown(summary: list[dict], times: list[dict], invocations: Iterable[dict], title: str, reference: str,
-             dets: list[dict] | None = None) -> str:
+             dets: list[dict] | None = None, training: list[dict] | None = None) -> str:
     lines = [f"# {title}", "", "Mean ± sd over seeds, in %. ACC drop = backdoored ACC − ACC; "
              "DER = [max(0, ΔASR) − max(0, ΔACC) + 1] / 2 (BackdoorBench); "
              "val = the same on 2,000 training images outside the clean subset (what defaults are chosen on); "
@@ -133,6 +133,8 @@ def markdown(summary: list[dict], times: list[dict], invocations: Iterable[dict]
         lines += _md_table(headers(reference), (cells(g) for g in groups)) + [""]
     if dets := detection_rows(dets):
         lines += ["## Detection", ""] + _md_table(DETECTION_HEAD, dets) + [""]
+    if trained := training_rows(training):
+        lines += ["## Attack training", ""] + _md_table(TRAINING_HEAD, trained) + [""]
     lines += ["## Wall time per cell kind", ""]
     lines += _md_table(TIME_HEAD, _time_rows(times)) + [""]
     lines += ["## Made by", ""]
@@ -143,6 +145,17 @@ def markdown(summary: list[dict], times: list[dict], invocations: Iterable[dict]
 
 
 TIME_HEAD = ["kind", "defense", "cells", "mean", "total", "ran on"]
+TRAINING_HEAD = ["attack", "seed", "precision", "channels-last", "epochs", "last loss", "last train acc", "images/s",
+                 "training time", "ran on"]
+
+
+def training_rows(runs: list[dict] | None) -> list[list[str]]:
+    def num(v, fmt):
+        return "—" if v is None else format(v, fmt)
+
+    return [[str(r["attack"]), str(r["seed"]), r["precision"] or "—", "yes" if r["channels_last"] else "no",
+             num(r["epochs"], "d"), num(r["loss"], ".4f"), num(r["train_acc"], ".4f"), num(r["images_per_s"], ".0f"),
+             seconds(r["seconds"]), r["ran_on"]] for r in runs or []]
 
 
 def _time_rows(times: list[dict]) -> list[list[str]]:
@@ -339,7 +352,7 @@ def _figures(rows: list[dict], groups: list[dict], styles: dict) -> list[str]:
 
 
 def html_page(rows: list[dict], summary: list[dict], times: list[dict], invocations: list[dict], *, title: str,
-              reference: str, figures: bool, dets: list[dict] | None = None) -> str:
+              reference: str, figures: bool, dets: list[dict] | None = None, training: list[dict] | None = None) -> str:
     styles = _styles(summary)
     out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">', f"<title>{_e(title)}</title>",
            f"<style>{STYLE}</style>", "</head>", "<body>", f"<h1>{_e(title)}</h1>",
@@ -360,6 +373,9 @@ def html_page(rows: list[dict], summary: list[dict], times: list[dict], invocati
     if dets := detection_rows(dets):
         out += ["<h2>Detection</h2>"]
         out += _html_table(DETECTION_HEAD, ((r, []) for r in dets), "detection")
+    if trained := training_rows(training):
+        out += ["<h2>Attack training</h2>"]
+        out += _html_table(TRAINING_HEAD, ((r, []) for r in trained), "attack-training")
     out += ["<h2>Wall time per cell kind</h2>"]
     out += _html_table(TIME_HEAD, ((r, []) for r in _time_rows(times)), "wall-time")
     if pics := pictures(rows):
@@ -398,12 +414,12 @@ def write_report(rows: Iterable[dict], out_dir: str | Path, *, invocations: Iter
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary, times = summarize(rows, reference), cell_times(rows)
-    dets = detections(rows)
+    dets, training = detections(rows), training_runs(rows)
     paths = {"html": out / "report.html", "md": out / "results.md", "csv": out / "results.csv"}
-    paths["md"].write_text(markdown(summary, times, invocations, title, reference, dets), encoding="utf-8")
+    paths["md"].write_text(markdown(summary, times, invocations, title, reference, dets, training), encoding="utf-8")
     write_csv(summary, paths["csv"])
     paths["html"].write_text(html_page(rows, summary, times, invocations, title=title, reference=reference,
-                                       figures=figures, dets=dets), encoding="utf-8")
+                                       figures=figures, dets=dets, training=training), encoding="utf-8")
     return paths
 
 

@@ -111,6 +111,11 @@ class TrainResult:
     precision: str = "none"   # what ``amp`` resolved to on the device: "bf16" or "none" (fp32)
     stopped: str | None = None  # why a callback ended training early, if one did
 
+    def images_per_s(self) -> float | None:
+        """Training images per second over every epoch run, those taken over from a checkpoint included."""
+        seconds = sum(r["seconds"] for r in self.history)
+        return sum(r["images_per_s"] * r["seconds"] for r in self.history) / seconds if seconds else None
+
 
 class Trainer:
     """Trains ``classifier`` in place on an :class:`ImageDataset` with a :class:`Task` (cross-entropy
