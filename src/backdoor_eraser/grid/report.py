@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .aggregate import BACKDOORED, BLOCK_KEYS, cell_times, detections, summarize, training_runs
 
-PICTURES = ("trigger.png", "attention.png")
+PICTURES = ("trigger.png", "attention.png", "masks.png")  # masks.png: Neural Cleanse's reversed triggers
 CURVE_METRICS = ("acc", "asr", "ra")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -291,7 +291,7 @@ def curves_png(rows: list[dict], key: tuple, styles: dict) -> tuple[bytes, list[
 
 
 def pictures(rows: list[dict]) -> list[tuple[str, bytes]]:
-    """(caption, PNG bytes) for each trigger.png / attention.png already in a cell's run folder."""
+    """(caption, PNG bytes) for each of PICTURES already in a cell's run folder."""
     out, seen = [], set()
     for row in rows:
         if not row.get("run_dir"):

@@ -2,7 +2,7 @@
 
 On a CPU without native bf16 arithmetic, autocast emulates it and is about 10x slower than fp32
 (measured on an AVX2-only machine: 35 vs 350 images/s for WRN-16-1); with AVX-512 BF16 instructions
-it was 1.7x faster than fp32 (benchmarks/results/precision_cifar10.md). On CUDA, bf16 is native from
+it was 1.7x faster than fp32 (benchmarks/results/precision-findings.md). On CUDA, bf16 is native from
 compute capability 8.0 (Ampere) on.
 """
 from __future__ import annotations
