@@ -300,6 +300,18 @@ def test_html_figures_are_inline_pngs(full_report):
     assert f"attack cell {rows[0]['hash'][:12]} (cifar10 / wrn-16-1 / badnets): trigger.png" in page
 
 
+def test_neural_cleanse_masks_are_report_pictures(tmp_path):
+    from backdoor_eraser.grid.report import pictures
+
+    det = tmp_path / "detect"
+    det.mkdir()
+    _png_file(det / "masks.png", "gray")
+    (det / "other.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # not one of the report's pictures
+    rows = make_rows()
+    detect = cell("detect", "badnets", "neural-cleanse", 0, metrics={"mad_index": 4.0}, run_dir=det)
+    assert [caption.split(": ")[-1] for caption, _ in pictures(rows + [detect])] == ["masks.png"]
+
+
 def test_screenshot_without_chromium(tmp_path, monkeypatch):
     from backdoor_eraser.grid import report
 
