@@ -170,30 +170,25 @@ def test_cell_times_say_where_cells_ran(tmp_path):
     assert "| defense | nad | 3 | 20.0 s | 60.0 s | AVX512, 2 threads, bf16 (2); AVX2, 2 threads, fp32 (1) |" in md
 
 
-def test_attack_training_table_from_metrics_or_the_run_folders_history(tmp_path):
-    """Trained attack cells get a row: metrics' last loss, train acc and images/s where recorded, else
-    those of history.csv (images/s weighted by epoch seconds); zoo evaluations and failures get none."""
+def test_attack_training_table_lists_the_grids_own_trainings(tmp_path):
+    """Trained attack cells get a row with their metrics' last loss, train acc and images/s ("—" where an
+    older cell did not record them); zoo evaluations and failures get none."""
     rows = make_rows()
     for row, layout in zip(rows[:2], (False, True)):
         row["config"] = {"kind": "attack", "seed": 0, "train": {"channels_last": layout}}
     rows[0]["metrics"].update(train_seconds=150.0, precision="none", train_loss=1.5, train_acc=0.4,
                               train_images_per_s=1000.0)
-    old = tmp_path / "old"
-    old.mkdir()
-    (old / "history.csv").write_text("epoch,loss,train_acc,images_per_s,seconds\n"
-                                     "1,2.0,0.3,600,100\n2,1.8,0.35,900,100\n")
     rows[1]["metrics"].update(train_seconds=200.0, precision="bf16")
-    rows[1]["run_dir"] = str(old)
     evaluation = cell("attack", "trojan", metrics={**BEFORE_BADNETS})
     evaluation["config"] = {"kind": "evaluate"}
     runs = training_runs(rows + [evaluation])
     assert [(r["attack"], r["seed"], r["precision"], r["channels_last"]) for r in runs] == [
         ("badnets", 0, "fp32", False), ("blend", 0, "bf16", True)]
     assert (runs[0]["loss"], runs[0]["train_acc"], runs[0]["images_per_s"]) == (1.5, 0.4, 1000.0)
-    assert (runs[1]["loss"], runs[1]["train_acc"], runs[1]["images_per_s"]) == (1.8, 0.35, 750.0)
+    assert (runs[1]["loss"], runs[1]["train_acc"], runs[1]["images_per_s"]) == (None, None, None)
     md = write_report(rows, tmp_path / "report", figures=False)["md"].read_text()
     assert "| badnets | 0 | fp32 | no | 2 | 1.5000 | 0.4000 | 1000 | 2.5 min | — |" in md
-    assert "| blend | 0 | bf16 | yes | 2 | 1.8000 | 0.3500 | 750 | 3.3 min | — |" in md
+    assert "| blend | 0 | bf16 | yes | 2 | — | — | — | 3.3 min | — |" in md
     assert "## Attack training" not in write_report(make_rows(), tmp_path / "none", figures=False)["md"].read_text()
 
 

@@ -131,10 +131,9 @@ def run_attack(*, dataset: str, data_dir: str | None, arch: str, attack: str, at
     if triggered is None:
         triggered = atk.triggered_test_set(splits.test)
     metrics = final_metrics(model, splits, atk, triggered, f"the model trained for {out}")
+    last = res.history[-1] if res.history else {}
     metrics.update(epochs=res.epochs, steps=res.steps, train_seconds=res.seconds, precision=res.precision,
-                   train_images_per_s=res.images_per_s(),
-                   **({"train_loss": res.history[-1]["loss"], "train_acc": res.history[-1]["train_acc"]}
-                      if res.history else {}))
+                   train_images_per_s=res.images_per_s(), train_loss=last.get("loss"), train_acc=last.get("train_acc"))
     meta = {"kind": "attack", "dataset": dataset_record(dataset, data_dir, data_options), "attack": atk.describe(),
             "train": config_to_dict(train), "precision": res.precision, "seed": seed, "conv_weight_sq_norm": conv_weight_sq_norm(model.net),
             "poison_indices": poisoned.poison_indices.tolist()}

@@ -2,11 +2,9 @@
 reference defense, and wall time per cell kind. Values stay fractions in [0, 1], as the store holds them."""
 from __future__ import annotations
 
-import csv
 import statistics
 from collections import Counter
 from collections.abc import Iterable
-from pathlib import Path
 
 METRICS = ("acc", "asr", "ra", "acc_drop", "der", "val_acc_drop", "val_asr")
 PAIRED = ("acc", "asr")
@@ -196,39 +194,20 @@ def cell_times(rows: Iterable[dict]) -> list[dict]:
 def training_runs(rows: Iterable[dict]) -> list[dict]:
     """The attack models the grid trained itself (not zoo models): per cell its attack label and seed,
     precision, memory layout, epochs, the last epoch's loss and training accuracy, and training images/s
-    over all epochs. Cells recorded before their metrics held the last three read them from the run
-    folder's history.csv where it is still there."""
+    over all epochs (None for cells recorded before their metrics held the last three)."""
     out = []
     for row in rows:
         m, cfg = row.get("metrics") or {}, row.get("config") or {}
         if row["status"] != "done" or cfg.get("kind") != "attack" or "train_seconds" not in m:
             continue
-        m = {**_history_totals(row.get("run_dir")), **{k: v for k, v in m.items() if v is not None}}
-        out.append({"attack": row["axes"].get("attack"), "seed": _first(row["axes"].get("seed"), cfg.get("seed")),
+        seed = row["axes"].get("seed")
+        out.append({"attack": row["axes"].get("attack"), "seed": cfg.get("seed") if seed is None else seed,
                     "precision": "fp32" if m.get("precision") == "none" else m.get("precision"),
                     "channels_last": bool((cfg.get("train") or {}).get("channels_last")), "epochs": m.get("epochs"),
                     "loss": m.get("train_loss"), "train_acc": m.get("train_acc"),
                     "images_per_s": m.get("train_images_per_s"), "seconds": m["train_seconds"],
                     "ran_on": _ran_on(row)})
     return out
-
-
-def _first(*values):
-    return next((v for v in values if v is not None), None)
-
-
-def _history_totals(run_dir: str | None) -> dict:
-    path = Path(run_dir) / "history.csv" if run_dir else None
-    if path is None or not path.is_file():
-        return {}
-    with open(path, newline="", encoding="utf-8") as fh:
-        epochs = list(csv.DictReader(fh))
-    try:
-        seconds = sum(float(r["seconds"]) for r in epochs)
-        return {"train_loss": float(epochs[-1]["loss"]), "train_acc": float(epochs[-1]["train_acc"]),
-                "train_images_per_s": sum(float(r["images_per_s"]) * float(r["seconds"]) for r in epochs) / seconds}
-    except (KeyError, ValueError, IndexError, ZeroDivisionError):  # not a trainer's history: say nothing
-        return {}
 
 
 def _ran_on(row: dict) -> str:
