@@ -30,10 +30,10 @@ class ABLConfig:
     """Defaults: γ = 0.5, T_te = 20 isolation epochs and p = 1 % (spec §5.8, [R]), the release's
     optimiser, isolation objective and later stages (spec §5.8, [C]).
 
-    Why ``flooding`` and not the paper's per-sample LGA by default: on the CIFAR-10 BadNets model of
-    benchmarks/results/defenses_cifar10_badnets.md, per-sample LGA isolated 0 poisoned images among
-    its 500 (precision 0.00; the final model kept ASR 100 %), while the release's flooding isolated
-    500 of 500 (precision 1.00; ASR 0.21 %). Per-sample LGA pushes every sample whose loss falls
+    Why ``flooding`` and not the paper's per-sample LGA by default: on the CIFAR-10 BadNets and Blend
+    models of benchmarks/results/defenses-findings.md, per-sample LGA isolated 0 poisoned images among
+    its 500 (precision 0.00; the final models kept ASR 100 %), while the release's flooding isolated
+    500 of 500 on BadNets (precision 1.00; ASR 0.34 %). Per-sample LGA pushes every sample whose loss falls
     below γ back up, the fast-learned poisoned ones included, so they no longer stand out by loss.
 
     Isolation: SGD lr 0.1, momentum 0.9, Nesterov, wd 1e-4, batch 128, ``isolation_augment`` none
