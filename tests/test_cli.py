@@ -116,6 +116,11 @@ def test_abl_through_purify_rebuilds_the_poisoned_set(synthetic_backdoor, tmp_pa
     assert meta["clean_subset"] is None
     assert info["isolated_count"] == 50  # 1 % of 5,000
     assert len(info["isolated_indices"]) == 50
+    # The isolation's precision and recall reach metrics.json, so grid stores hold them.
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert isinstance(info["isolation_precision"], float)
+    assert metrics["diagnostics"] == {"isolation_precision": info["isolation_precision"],
+                                      "isolation_recall": info["isolation_recall"]}
 
 
 def test_abl_refuses_a_model_without_attack_run(tmp_path, capsys):

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from backdoor_eraser.grid.aggregate import cell_times, summarize, training_runs
+from backdoor_eraser.grid.aggregate import cell_times, diagnostics, summarize, training_runs
 from backdoor_eraser.grid.report import dump_dom, find_chromium, screenshot, write_report
 
 DATASET, ARCH, CF = "cifar10", "wrn-16-1", 0.05
@@ -190,6 +190,23 @@ def test_attack_training_table_lists_the_grids_own_trainings(tmp_path):
     assert "| badnets | 0 | fp32 | no | 2 | 1.5000 | 0.4000 | 1000 | 2.5 min | — |" in md
     assert "| blend | 0 | bf16 | yes | 2 | — | — | — | 3.3 min | — |" in md
     assert "## Attack training" not in write_report(make_rows(), tmp_path / "none", figures=False)["md"].read_text()
+
+
+def test_defense_diagnostics_are_averaged_per_defense_and_reported(tmp_path):
+    """metrics["diagnostics"] (ABL's isolation precision, ANP's pruned channels) become a table of mean ± sd
+    per (attack, defense, name) over the done cells; cells without them, and unfinished ones, add nothing."""
+    rows = make_rows()
+    for seed, precision, pruned in ((0, 1.0, 50), (1, 0.5, 54), (2, 0.0, None)):
+        row = defended("badnets", "abl", seed, BEFORE_BADNETS, 0.70, 0.01)
+        row["metrics"]["diagnostics"] = {"isolation_precision": precision, **({"pruned": pruned} if pruned else {})}
+        rows.append(row)
+    rows.append(cell("defense", "badnets", "abl", 3, status="failed", error="RuntimeError: x"))
+    got = {(d["defense"], d["name"]): (d["n"], d["mean"], d["sd"]) for d in diagnostics(rows)}
+    assert got == {("abl", "isolation_precision"): (3, 0.5, 0.5), ("abl", "pruned"): (2, 52.0, pytest.approx(8 ** 0.5))}
+    md = write_report(rows, tmp_path / "report", figures=False)["md"].read_text()
+    assert "| badnets | 5 % clean data | abl | isolation_precision | 3 | 0.5 ± 0.5 |" in md
+    assert "| badnets | 5 % clean data | abl | pruned | 2 | 52 ± 2.828 |" in md
+    assert "## Defense diagnostics" not in write_report(make_rows(), tmp_path / "none", figures=False)["md"].read_text()
 
 
 # ---- report --------------------------------------------------------------------------------------

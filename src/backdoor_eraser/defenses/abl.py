@@ -201,6 +201,7 @@ class ABL(Defense):
     stages = (Stage("isolation", "isolation_epochs", "isolation"), Stage("retrain", "finetune_epochs", "retrain"),
               Stage("unlearn", "unlearning_epochs", "unlearn"))
     needs_poisoned_training_set = True
+    diagnostics = ("isolation_precision", "isolation_recall")
 
     def __init__(self, config: ABLConfig | None = None):
         config = config or ABLConfig()

@@ -102,6 +102,7 @@ class ANP(Defense):
     """
 
     name = "anp"
+    diagnostics = ("pruned",)
     stages = (Stage("masks", "iterations", "masks", unit="steps"),)
 
     def __init__(self, config: ANPConfig):

@@ -82,6 +82,10 @@ class Defense:
     name = "defense"
     presets: dict[str, dict] = {}
     stages: tuple[Stage, ...] = ()
+    # Numbers of ``PurifyResult.info`` that say what the defense decided (ABL's isolation precision, the
+    # channels ANP pruned): run_purify copies them into metrics.json, so a grid store, and its report,
+    # hold them without the run folders.
+    diagnostics: tuple[str, ...] = ()
 
     def __init__(self, config):
         self.config = config

@@ -123,6 +123,7 @@ class FinePruning(Defense):
     """
 
     name = "fine-pruning"
+    diagnostics = ("pruned",)
     stages = (Stage("fine-tune", "epochs"),)
 
     def __init__(self, config: FinePruningConfig):

@@ -144,6 +144,7 @@ class RNP(Defense):
     """
 
     name = "rnp"
+    diagnostics = ("pruned",)
     stages = (Stage("unlearn", "unlearn_epochs", "unlearn"), Stage("recover", "recover_epochs", "recover"))
 
     def __init__(self, config: RNPConfig):

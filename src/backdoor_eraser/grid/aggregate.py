@@ -253,3 +253,19 @@ def detections(rows: Iterable[dict]) -> list[dict]:
         g["index_mean"], g["index_sd"] = mean_sd(g.pop("index"))
         out.append(g)
     return out
+
+
+def diagnostics(rows: Iterable[dict]) -> list[dict]:
+    """The defenses' own numbers (metrics["diagnostics"]: ABL's isolation precision, channels pruned) per
+    (dataset, arch, attack, clean fraction, defense, name): mean ± sd over the done cells that hold them."""
+    groups: dict[tuple, list[float]] = {}
+    for row in rows:
+        if row["kind"] != "defense" or row["status"] != "done":
+            continue
+        for name, value in ((row.get("metrics") or {}).get("diagnostics") or {}).items():
+            groups.setdefault(_block_key(row) + (row["axes"]["defense"], name), []).append(value)
+    out = []
+    for key, values in groups.items():
+        mean, sd = mean_sd(values)
+        out.append({**dict(zip(BLOCK_KEYS + ("defense", "name"), key)), "n": len(values), "mean": mean, "sd": sd})
+    return out

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from .aggregate import BACKDOORED, BLOCK_KEYS, cell_times, detections, summarize, training_runs
+from .aggregate import BACKDOORED, BLOCK_KEYS, cell_times, detections, diagnostics, summarize, training_runs
 
 PICTURES = ("trigger.png", "attention.png", "masks.png")  # masks.png: Neural Cleanse's reversed triggers
 CURVE_METRICS = ("acc", "asr", "ra")
@@ -123,7 +123,8 @@ def _md_table(head: list[str], body: Iterable[list[str]]) -> list[str]:
 
 
 def markdown(summary: list[dict], times: list[dict], invocations: Iterable[dict], title: str, reference: str,
-             dets: list[dict] | None = None, training: list[dict] | None = None) -> str:
+             dets: list[dict] | None = None, training: list[dict] | None = None,
+             diags: list[dict] | None = None) -> str:
     lines = [f"# {title}", "", "Mean ± sd over seeds, in %. ACC drop = backdoored ACC − ACC; "
              "DER = [max(0, ΔASR) − max(0, ΔACC) + 1] / 2 (BackdoorBench); "
              "val = the same on 2,000 training images outside the clean subset (what defaults are chosen on); "
@@ -135,6 +136,8 @@ def markdown(summary: list[dict], times: list[dict], invocations: Iterable[dict]
         lines += ["## Detection", ""] + _md_table(DETECTION_HEAD, dets) + [""]
     if trained := training_rows(training):
         lines += ["## Attack training", ""] + _md_table(TRAINING_HEAD, trained) + [""]
+    if diag := diagnostic_rows(diags):
+        lines += ["## Defense diagnostics", ""] + _md_table(DIAGNOSTIC_HEAD, diag) + [""]
     lines += ["## Wall time per cell kind", ""]
     lines += _md_table(TIME_HEAD, _time_rows(times)) + [""]
     lines += ["## Made by", ""]
@@ -156,6 +159,17 @@ def training_rows(runs: list[dict] | None) -> list[list[str]]:
     return [[str(r["attack"]), str(r["seed"]), r["precision"] or "—", "yes" if r["channels_last"] else "no",
              num(r["epochs"], "d"), num(r["loss"], ".4f"), num(r["train_acc"], ".4f"), num(r["images_per_s"], ".0f"),
              seconds(r["seconds"]), r["ran_on"]] for r in runs or []]
+
+
+DIAGNOSTIC_HEAD = ["attack", "clean data", "defense", "diagnostic", "n", "mean ± sd"]
+
+
+def diagnostic_rows(diags: list[dict] | None) -> list[list[str]]:
+    def num(v):
+        return f"{v:.4g}"
+
+    return [[str(d["attack"]), fraction_label(d["clean_fraction"]), str(d["defense"]), str(d["name"]), str(d["n"]),
+             num(d["mean"]) + ("" if d["sd"] is None else f" ± {num(d['sd'])}")] for d in diags or []]
 
 
 def _time_rows(times: list[dict]) -> list[list[str]]:
@@ -352,7 +366,8 @@ def _figures(rows: list[dict], groups: list[dict], styles: dict) -> list[str]:
 
 
 def html_page(rows: list[dict], summary: list[dict], times: list[dict], invocations: list[dict], *, title: str,
-              reference: str, figures: bool, dets: list[dict] | None = None, training: list[dict] | None = None) -> str:
+              reference: str, figures: bool, dets: list[dict] | None = None, training: list[dict] | None = None,
+              diags: list[dict] | None = None) -> str:
     styles = _styles(summary)
     out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">', f"<title>{_e(title)}</title>",
            f"<style>{STYLE}</style>", "</head>", "<body>", f"<h1>{_e(title)}</h1>",
@@ -376,6 +391,9 @@ def html_page(rows: list[dict], summary: list[dict], times: list[dict], invocati
     if trained := training_rows(training):
         out += ["<h2>Attack training</h2>"]
         out += _html_table(TRAINING_HEAD, ((r, []) for r in trained), "attack-training")
+    if diag := diagnostic_rows(diags):
+        out += ["<h2>Defense diagnostics</h2>"]
+        out += _html_table(DIAGNOSTIC_HEAD, ((r, []) for r in diag), "diagnostics")
     out += ["<h2>Wall time per cell kind</h2>"]
     out += _html_table(TIME_HEAD, ((r, []) for r in _time_rows(times)), "wall-time")
     if pics := pictures(rows):
@@ -414,12 +432,14 @@ def write_report(rows: Iterable[dict], out_dir: str | Path, *, invocations: Iter
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary, times = summarize(rows, reference), cell_times(rows)
-    dets, training = detections(rows), training_runs(rows)
+    dets, training, diags = detections(rows), training_runs(rows), diagnostics(rows)
     paths = {"html": out / "report.html", "md": out / "results.md", "csv": out / "results.csv"}
-    paths["md"].write_text(markdown(summary, times, invocations, title, reference, dets, training), encoding="utf-8")
+    paths["md"].write_text(markdown(summary, times, invocations, title, reference, dets, training, diags),
+                           encoding="utf-8")
     write_csv(summary, paths["csv"])
     paths["html"].write_text(html_page(rows, summary, times, invocations, title=title, reference=reference,
-                                       figures=figures, dets=dets, training=training), encoding="utf-8")
+                                       figures=figures, dets=dets, training=training, diags=diags),
+                            encoding="utf-8")
     return paths
 
 
