@@ -262,7 +262,7 @@ def run_purify(*, model: str | Path, method: str, out: str | Path, defense_param
     after["val"] = validation_metrics(result.model, val, atk, val_triggered)
     metrics = {**after, "before": before, "wall_seconds": wall, "precision": precision,
                **{k: v for k, v in result.info.items() if k in ("epochs", "steps", "total_epochs", "total_steps")}}
-    if diagnostics := defense_diagnostics(defense, result.info):
+    if diagnostics := defense.diagnostic_values(result.info):
         metrics["diagnostics"] = diagnostics
     source = {"model": str(Path(model).resolve()), "model_sha256": model_sha, "attack": atk.describe() if atk else None,
               "attack_run": str(src_dir.resolve()) if src_dir and meta.get("kind") == "attack"
@@ -279,12 +279,6 @@ def run_purify(*, model: str | Path, method: str, out: str | Path, defense_param
     save_run(out, result.model, run_meta, metrics=metrics, history=result.history,
              trigger_state=atk.trigger_state() if atk else None)
     return metrics
-
-
-def defense_diagnostics(defense, info: dict) -> dict[str, float]:
-    """The numbers among ``info`` that the defense names in ``diagnostics`` (None and non-numbers left out)."""
-    return {k: info[k] for k in defense.diagnostics
-            if isinstance(info.get(k), (int, float)) and not isinstance(info.get(k), bool)}
 
 
 # (model sha256, attack) -> (test split, triggered test set, the model's test metrics); see input_model_on_test.

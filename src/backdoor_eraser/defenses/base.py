@@ -92,6 +92,10 @@ class Defense:
         self.preset: str | None = None
         self.explicit: dict = {}
 
+    def diagnostic_values(self, info: dict) -> dict:
+        """The ``diagnostics`` entries of ``info`` that are set (ABL has no precision without poison flags)."""
+        return {k: info[k] for k in self.diagnostics if info.get(k) is not None}
+
     def fitted_config(self, model: Classifier, clean: ImageDataset, run_dir: Path | None = None,
                       quiet: bool = False) -> tuple:
         """(config, lr-probe record): the config itself, or with ``auto_lr`` a copy whose lr is scaled
