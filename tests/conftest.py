@@ -1,4 +1,4 @@
-"""Shared fixtures. ``demo_run`` runs ``backdoor-eraser demo`` once per test session (about two minutes on
+"""Shared fixtures. ``demo_run`` runs ``backdoor-eraser demo`` once per test session (a few minutes on
 2 cores); ``synthetic_backdoor`` is its backdoored BadNets WRN-16-1. Set BACKDOOR_ERASER_TEST_RUNS=/some/dir
 to keep these runs between sessions while developing (they are rebuilt when missing)."""
 from __future__ import annotations

@@ -84,7 +84,7 @@ def test_show_trigger_writes_png(capsys, tmp_path):
 
 def test_epoch_budget_mapping():
     from backdoor_eraser.defenses import epoch_budget_params
-    assert epoch_budget_params("nad", 3, 500) == {"epochs": 3, "teacher_epochs": 3}
+    assert epoch_budget_params("nad", 3, 500) == {"epochs": 3, "teacher_epochs": 3, "kd_epochs": 0}
     assert epoch_budget_params("mcr", 2, 500) == {"epochs": 2, "curve_epochs": 2}
     assert epoch_budget_params("anp", 3, 500) == {"iterations": 12}  # ceil(3·500 / 128)
     with pytest.raises(UserError, match="≥ 1"):

@@ -44,7 +44,9 @@ def test_run_folders_follow_the_contract(demo_dir):
     attack_meta = json.loads((demo_dir / "backdoored" / "meta.json").read_text())
     assert len(attack_meta["poison_indices"]) == 500
     history = (demo_dir / "nad" / "history.csv").read_text().splitlines()
-    assert len(history) == 11 and "at3" in history[0]
+    # 10 student epochs, then the default's 40 recovery epochs (phase "kd")
+    assert len(history) == 51 and "at3" in history[0] and "phase" in history[0]
+    assert sum(line.count(",kd,") for line in history[1:]) == 40
     png = (demo_dir / "attention.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 

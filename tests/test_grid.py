@@ -130,8 +130,9 @@ def test_builtin_specs_parse_and_list(capsys):
     assert [a.label for a in spec.attacks] == ["badnets", "trojan", "blend", "blend-nad", "sig", "clean-label",
                                                    "refool-poisoned", "wanet"]
     assert spec.seeds == [0, 1, 2] and spec.clean_fractions == [0.05]
-    assert len(expand(spec)) == 8 + 8 * 12 * 3
-    assert {"nad-release", "nad-no-cutout", "finetune-release", "finetune-no-cutout"} <= {d.label for d in spec.defenses}
+    assert len(expand(spec)) == 8 + 8 * 14 * 3
+    assert {"nad-release", "nad-no-cutout", "finetune-release", "finetune-no-cutout", "nad-short",
+            "finetune-short"} <= {d.label for d in spec.defenses}
 
 
 def test_attack_cell_is_shared_by_defense_cells_and_across_specs(tmp_path):
@@ -395,11 +396,28 @@ def test_rows_stored_under_an_older_identity_of_the_same_cell_are_adopted(tmp_pa
 def test_a_default_spelt_out_in_the_spec_names_the_same_cell():
     plain = expand(parse_spec(TINY))
     spelt = expand(parse_spec(TINY.replace("{name: nad, epochs_budget: 1}",
-                                           "{name: nad, epochs_budget: 1, params: {lr: 0.1, kd_epochs: 0}}")))
+                                           "{name: nad, epochs_budget: 1, params: {lr: 0.1, kd_epochs: 40}}")))
     assert spelt[3].config["defense"]["params"] != plain[3].config["defense"]["params"]
     assert [c.hash for c in spelt] == [c.hash for c in plain]
     other = expand(parse_spec(TINY.replace("{name: nad, epochs_budget: 1}", "{name: nad, epochs_budget: 1, params: {lr: 0.05}}")))
     assert other[3].hash != plain[3].hash and other[1].hash == plain[1].hash
+
+
+def test_a_preset_that_spells_out_a_recipe_names_the_same_cell_as_the_recipe():
+    """A cell stored when a recipe was the default keeps its results once a preset pins that recipe."""
+    short = expand(parse_spec(TINY.replace("{name: nad, epochs_budget: 1}", "{name: nad, preset: short}")))
+    spelt = expand(parse_spec(TINY.replace("{name: nad, epochs_budget: 1}", "{name: nad, params: {schedule: step, "
+                                           "step_size: 2, gamma: 0.1, kd_epochs: 0}}")))
+    default = expand(parse_spec(TINY.replace("{name: nad, epochs_budget: 1}", "{name: nad}")))
+    named = expand(parse_spec(TINY.replace("{name: nad, epochs_budget: 1}", "{name: nad, preset: erase-recover}")))
+    assert short[3].config["defense"]["preset"] == "short" and spelt[3].config["defense"]["preset"] is None
+    assert short[3].hash == spelt[3].hash != default[3].hash == named[3].hash
+
+
+def test_two_rows_of_one_recipe_are_refused():
+    twins = TINY.replace("{name: nad, epochs_budget: 1}", "nad\n  - {name: nad, label: nad-er, preset: erase-recover}")
+    with pytest.raises(UserError, match="defenses 'nad' and 'nad-er' are the same recipe"):
+        expand(parse_spec(twins))
 
 
 SPECS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "specs").glob("*.yaml"))
@@ -407,6 +425,8 @@ SPECS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "specs").gl
 
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
 def test_committed_benchmark_specs_parse(path):
-    """A typo in a committed spec (an unknown defense, preset or key) fails here, not hours into a run."""
+    """A typo in a committed spec (an unknown defense, preset or key), or two rows of one recipe, fails
+    here, not hours into a run."""
     spec = load_spec(str(path))
     assert spec.name == path.stem and spec.attacks and spec.seeds
+    assert expand(spec)

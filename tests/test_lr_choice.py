@@ -100,7 +100,8 @@ def test_the_choice_reads_only_the_clean_subset(demo_run, synthetic_backdoor, tm
     for name, splits in (("real", sb.splits), ("noisy", dataclasses.replace(sb.splits, test=noisy))):
         out = tmp_path / name
         metrics = workflows.run_purify(model=sb.run_dir, method="finetune", out=out, clean_fraction=0.1,
-                                       defense_params={"auto_lr": True, "epochs": 1, "lr_factors": [1.0, 0.5, 0.1]},
+                                       defense_params={"auto_lr": True, "epochs": 1, "kd_epochs": 0,
+                                                       "lr_factors": [1.0, 0.5, 0.1]},
                                        splits=splits, quiet=True, epoch_eval=False)
         probe = read_meta(out)["defense_info"]["lr_probe"]
         probe.pop("seconds")

@@ -104,10 +104,32 @@ def test_nad_release_preset_is_the_release_recipe():
     paper = defenses.create("nad", preset="paper").config
     assert paper.epochs == 10 and factors(paper, 10) == [1, 1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001, 0.0001, 0.0001]
     assert paper.beta == (5000.0,) * 3
-    fast, default = defenses.create("nad", preset="fast").config, defenses.create("nad").config
+    fast, short = defenses.create("nad", preset="fast").config, defenses.create("nad", preset="short").config
     assert (fast.epochs, fast.teacher_epochs) == (5, 4) and factors(fast, 5) == [1, 1, 0.1, 0.1, 0.01]
-    # apart from the epochs, fast is the default recipe
-    assert dataclasses.replace(fast, epochs=10, teacher_epochs=10) == default
+    # apart from the epochs, fast is the short recipe: the paper's schedule with the release's β, no recovery
+    assert dataclasses.replace(fast, epochs=10, teacher_epochs=10) == short
+    assert factors(short, 10) == factors(paper, 10) and short.beta == (500.0, 1000.0, 1000.0)
+    assert short.kd_epochs == 0 and paper.kd_epochs == 0 and cfg.kd_epochs == 0
+
+
+def test_the_defaults_of_finetune_nad_and_argd_are_erase_recover():
+    """Constant lr 0.1 for 10 epochs (teacher alike), then 40 epochs distilling the input model back."""
+    for name in ("finetune", "nad", "argd"):
+        default = defenses.create(name).config
+        assert default == defenses.create(name, preset="erase-recover").config, name
+        assert factors(default, 10) == [1.0] * 10 and default.epochs == 10 and default.lr == 0.1
+        assert (default.kd_epochs, default.kd_lr, default.kd_schedule, default.kd_alpha) == (40, 0.05, "cosine", 0.9)
+        assert default.kd_train_config().augment == "crop+flip" and default.augment == "crop+flip+cutout"
+        short = defenses.create(name, preset="short").config
+        assert short.kd_epochs == 0 and short.epochs == 10, name
+    assert factors(defenses.create("finetune", preset="short").config, 10) == [1, 1, 0.1, 0.1, 0.01, 0.01, 0.001,
+                                                                                0.001, 0.0001, 0.0001]
+    # ARGD's short recipe is its paper preset: the release's steps at epochs 3 and 6
+    argd_short = defenses.create("argd", preset="short").config
+    assert argd_short == defenses.create("argd", preset="paper").config
+    assert factors(argd_short, 10) == [1, 1, 1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.01]
+    # SAGE keeps its own schedule and no recovery
+    assert defenses.create("sage").config.kd_epochs == 0
 
 
 def test_other_presets():
@@ -142,7 +164,7 @@ def test_explicit_values_win_over_a_preset_and_both_are_recorded():
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(UserError, match=r"defense 'nad' has no preset 'quick'; its presets: erase-recover, fast, paper, release"):
+    with pytest.raises(UserError, match=r"defense 'nad' has no preset 'quick'; its presets: erase-recover, fast, paper, release, short"):
         defenses.create("nad", preset="quick")
     with pytest.raises(UserError, match="its presets: none"):
         defenses.create("anp", preset="paper")

@@ -70,7 +70,7 @@ def test_recovery_stage_runs_after_the_defense_and_leaves_the_input_alone(tmp_pa
     data = tiny()
     model = new_model("wrn-10-1", data.classes, (3, 8, 8), Normalization(), "cpu", 0)
     before = weights(model)
-    plain = defenses.create(name, batch_size=16, **params).purify(model, data, quiet=True)
+    plain = defenses.create(name, batch_size=16, kd_epochs=0, **params).purify(model, data, quiet=True)
     res = defenses.create(name, batch_size=16, kd_epochs=2, **params).purify(model, data, run_dir=tmp_path,
                                                                              quiet=True)
     assert all(torch.equal(v, before[k]) for k, v in model.net.state_dict().items())
@@ -115,20 +115,22 @@ def test_bad_recovery_settings_are_refused(bad):
 
 
 def test_an_epoch_budget_leaves_the_recovery_stage_off():
-    assert defenses.epoch_budget_params("finetune", 4, 500) == {"epochs": 4}
-    assert "kd_epochs" not in defenses.epoch_budget_params("sage", 4, 500)
+    # on by default for fine-tuning, off by default for SAGE: a budget is all the training there is
+    assert defenses.epoch_budget_params("finetune", 4, 500) == {"epochs": 4, "kd_epochs": 0}
+    assert defenses.epoch_budget_params("sage", 4, 500) == {"epochs": 4, "kd_epochs": 0}
+    assert defenses.epoch_budget_params("nad", 3, 500) == {"teacher_epochs": 3, "epochs": 3, "kd_epochs": 0}
 
 
 def test_an_unused_recovery_stage_is_no_part_of_a_grid_cells_identity():
     from backdoor_eraser.registry import config_to_dict, identity_dict
 
-    off = defenses.create("nad").config
+    off = defenses.create("nad", kd_epochs=0).config
     ident = identity_dict(off)
     assert not [k for k in ident if k.startswith("kd_")]
     optional = ("kd_", "auto_lr", "lr_factors", "lr_tolerance", "lr_held_out")   # both off by default
     assert ident == {k: v for k, v in config_to_dict(off).items() if not k.startswith(optional)}
     # settings of a stage that does not run change nothing, so they identify nothing either
-    assert identity_dict(defenses.create("nad", kd_lr=0.01).config) == ident
+    assert identity_dict(defenses.create("nad", kd_epochs=0, kd_lr=0.01).config) == ident
     on = identity_dict(defenses.create("nad", kd_epochs=5).config)
     assert on["kd_epochs"] == 5 and on["kd_lr"] == 0.05 and on["kd_temperature"] == 4.0
     assert identity_dict(defenses.create("nad", kd_epochs=5, kd_lr=0.01).config) != on

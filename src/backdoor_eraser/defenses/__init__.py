@@ -69,7 +69,9 @@ __all__ = ["DEFENSES", "Defense", "PurifyResult", "create", "names", "Finetune",
 def epoch_budget_params(name: str, budget: int, clean_size: int, batch_size: int | None = None) -> dict:
     """Parameters that give defense ``name`` ``budget`` epochs in each of its training stages on
     ``clean_size`` images, as in SAGE's equal-budget comparison (spec §5.6). A stage counted in
-    optimiser steps (ANP's mask iterations) gets budget × clean_size / batch size steps."""
+    optimiser steps (ANP's mask iterations) gets budget × clean_size / batch size steps; an optional
+    stage (the recovery, on by default for fine-tuning, NAD and ARGD) is turned off, so that the budget
+    is all the training there is."""
     if budget < 1:
         raise UserError(f"--epochs-budget must be ≥ 1, got {budget}")
     stages = DEFENSES.get(name).stages
@@ -78,6 +80,7 @@ def epoch_budget_params(name: str, budget: int, clean_size: int, batch_size: int
     out = {}
     for stage in stages:
         if stage.optional:
+            out[stage.length_field] = 0
             continue
         if stage.unit == "steps":
             bs = batch_size or DEFENSES.make_config(name).batch_size

@@ -31,18 +31,18 @@ class DefenseTrainConfig(TrainConfig):
 
 
 # The NAD family's optimiser, written out in full in every preset so that a later change of a default
-# never changes what a preset means.
+# never changes what a preset means (hence also ``kd_epochs=0`` in the presets without the recovery stage).
 NAD_OPTIMISER = dict(batch_size=64, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
 # NAD paper: 10 epochs, lr ÷10 every 2 epochs (spec §5.4 [P], [S]).
 NAD_PAPER_SCHEDULE = dict(NAD_OPTIMISER, epochs=10, schedule="step", step_size=2, gamma=0.1, milestones=(),
-                          augment="crop+flip+cutout")
+                          augment="crop+flip+cutout", kd_epochs=0)
 # NAD release (main.py at HEAD): 20 epochs, 0.1 for epochs 0-1, then 0.01; crop + flip + Cutout(1, 3).
 NAD_RELEASE_SCHEDULE = dict(NAD_OPTIMISER, epochs=20, schedule="multistep", milestones=(2,), gamma=0.1,
-                            augment="crop+flip+cutout", cutout_holes=1, cutout_length=3)
+                            augment="crop+flip+cutout", cutout_holes=1, cutout_length=3, kd_epochs=0)
 # Erase, then recover (benchmarks/results/erase-harder-findings.md): 10 epochs at a constant lr 0.1 (the
 # paper's schedule leaves it after 2), which erases the fixed-key Blend that the ÷10 schedule leaves at
 # 16-82 % ASR, then 40 epochs distilling the input model's clean predictions back (recovery.py) to win back
-# the accuracy those steps cost.
+# the accuracy those steps cost. The default recipe of fine-tuning, NAD and ARGD (recovery.EraseRecoverConfig).
 ERASE_RECOVER_SCHEDULE = dict(NAD_OPTIMISER, epochs=10, schedule="constant", milestones=(), augment="crop+flip+cutout",
                               kd_epochs=40, kd_lr=0.05, kd_schedule="cosine", kd_temperature=4.0, kd_alpha=0.9,
                               kd_augment="crop+flip")
@@ -52,8 +52,8 @@ ERASE_RECOVER_SCHEDULE = dict(NAD_OPTIMISER, epochs=10, schedule="constant", mil
 class Stage:
     """One training stage of a defense: its name, the config field that counts its length (``unit``:
     epochs, or optimiser steps for ANP's mask iterations) and the sub-folder of the run folder that holds
-    its checkpoint ("" = the run folder itself). An ``optional`` stage is off at length 0 (its default),
-    and an epoch budget leaves it off."""
+    its checkpoint ("" = the run folder itself). An ``optional`` stage is off at length 0, and an epoch
+    budget turns it off."""
 
     name: str
     length_field: str

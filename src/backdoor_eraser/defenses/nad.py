@@ -15,11 +15,11 @@ from ..runs import new_model
 from ..training import Task, Trainer, TrainConfig, eval_columns
 from .attention import ATTENTION_FUNCTIONS, DISTANCES, attention_distance, attention_map, normalize_map
 from .base import ERASE_RECOVER_SCHEDULE, NAD_PAPER_SCHEDULE, NAD_RELEASE_SCHEDULE, Defense, PurifyResult, Stage
-from .recovery import KD_STAGE, RecoverableConfig, recover
+from .recovery import KD_STAGE, EraseRecoverConfig, recover
 
 
 @dataclass
-class DistillationConfig(RecoverableConfig):
+class DistillationConfig(EraseRecoverConfig):
     """What the teacher-student distillations (NAD, ARGD) share: attention = mean over channels of |a|^p,
     taken at ``sites`` (default the model's residual groups) and the teacher's ``teacher_sites``; the
     teacher is the backdoored model fine-tuned for ``teacher_epochs`` on the clean subset with the same
@@ -200,13 +200,15 @@ class NAD(Defense):
     """Neural Attention Distillation: a fine-tuned teacher guides the backdoored student's attention.
 
     Li, Lyu, Koren, Lyu, Li, Ma, "Neural Attention Distillation: Erasing Backdoor Triggers from Deep
-    Neural Networks", ICLR 2021; spec §5.4. Defaults: lr ÷10 every 2 epochs for 10 epochs as the paper
-    says, the release's β and Cutout; a seeded clean subset (the release's is unseeded). Presets:
-    ``paper`` (β = 5000 on every group, spec §5.4 decision), ``release`` (main.py at HEAD: 20 student
-    epochs, 0.1 → 0.01 at epoch 2, Cutout(1, 3)) and ``fast`` (the defaults with 4 teacher and 5 student
-    epochs: the schedule's low-lr tail cut) and ``erase-recover`` (teacher and student at a constant lr 0.1
-    for 10 epochs each, then the 40-epoch recovery stage; our evidence, not a paper's). The release's
-    pre-2022 bug that detached the distillation terms is, of course, not reproduced.
+    Neural Networks", ICLR 2021; spec §5.4. Defaults: the release's β and Cutout, a seeded clean subset
+    (the release's is unseeded), and the ``erase-recover`` structure for teacher and student alike: a
+    constant lr 0.1 for 10 epochs each, then the 40-epoch recovery stage (our evidence, not the paper's:
+    benchmarks/results/erase-harder-findings.md). Presets: ``paper`` (lr ÷10 every 2 epochs, β = 5000 on
+    every group, spec §5.4 decision), ``release`` (main.py at HEAD: 20 student epochs, 0.1 → 0.01 at epoch
+    2, Cutout(1, 3)), ``short`` (the paper's schedule with the release's β: the default until the evidence
+    replaced it), ``fast`` (``short`` with 4 teacher and 5 student epochs: its low-lr tail cut) and
+    ``erase-recover`` (the default written out). The release's pre-2022 bug that detached the distillation
+    terms is, of course, not reproduced.
     """
 
     name = "nad"
@@ -214,11 +216,12 @@ class NAD(Defense):
     presets = {
         "paper": dict(NAD_PAPER_SCHEDULE, beta=(5000.0, 5000.0, 5000.0), distance="code", teacher_epochs=10),
         "release": dict(NAD_RELEASE_SCHEDULE, beta=(500.0, 1000.0, 1000.0), distance="code", teacher_epochs=10),
-        # The defaults in 0.41x the time at the same ACC and ASR (4 seeds, benchmarks/results/faster-nad-findings.md):
+        "short": dict(NAD_PAPER_SCHEDULE, beta=(500.0, 1000.0, 1000.0), distance="code", teacher_epochs=10),
+        # short in 0.41x the time at the same ACC and ASR (4 seeds, benchmarks/results/faster-nad-findings.md):
         # lr ÷10 every 2 epochs leaves epochs 6-10 of each stage at lr ≤ 1e-3, where the weights barely move;
         # the student keeps 5 epochs, the teacher (cheaper per epoch, no distillation) 4.
         "fast": dict(NAD_PAPER_SCHEDULE, beta=(500.0, 1000.0, 1000.0), distance="code", epochs=5, teacher_epochs=4),
-        # Fine-tuning's erase-recover structure (base.ERASE_RECOVER_SCHEDULE) for teacher and student alike.
+        # The default: fine-tuning's erase-recover structure (base.ERASE_RECOVER_SCHEDULE) for teacher and student.
         "erase-recover": dict(ERASE_RECOVER_SCHEDULE, beta=(500.0, 1000.0, 1000.0), distance="code", teacher_epochs=10),
     }
 

@@ -64,6 +64,20 @@ class RecoverableConfig(DefenseTrainConfig):
                                  augment=self.kd_augment or self.augment)
 
 
+@dataclass
+class EraseRecoverConfig(RecoverableConfig):
+    """The defaults of fine-tuning, NAD and ARGD (base.ERASE_RECOVER_SCHEDULE): 10 epochs at a constant
+    lr 0.1, then 40 epochs of recovery. Evidence, not a paper's recipe: the papers' schedule (lr ÷10 after
+    2 epochs, preset ``short``) left 18-82 % ASR on a fixed-key Blend model trained the papers' way and cost
+    11-16 ACC points on models trained with a cosine schedule to lr 0; this one kept ACC within 1.4 points
+    and ASR under 3.5 % on every seed of the former and within 3.3 points / under 3.1 % on the latter
+    (benchmarks/results/erase-harder-findings.md; defaults-findings.md says how the default was chosen)."""
+
+    schedule: str = "constant"
+    milestones: tuple[int, ...] = ()
+    kd_epochs: int = field(default=40, metadata={"neutral": 0})
+
+
 class DistilBack(Task):
     """α·T²·KL(teacher ‖ student at temperature T) + (1 − α)·CE, the teacher's logits computed on the
     step's own (augmented, normalised) inputs. With ``mixup`` each uint8 image is first mixed with

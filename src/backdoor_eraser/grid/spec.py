@@ -397,11 +397,12 @@ def cell_hash(config: dict) -> str:
         config = {**config, "model": {"sha256": model["sha256"]}}
     d = config.get("defense")
     if config.get("kind") == "defense" and isinstance(d, dict) and d.get("name") in defenses.DEFENSES:
-        # The resolved config is the identity: the spec's params are how it was written (a default spelt
-        # out or left implicit is the same cell), and fields a defense gained later, sitting at their
-        # neutral value, identify nothing (identity_dict), so a config stored before they existed and
-        # one stored with them name the same cell.
-        config = {**config, "defense": {"name": d["name"], "preset": d.get("preset"),
+        # The resolved config is the identity: the spec's params and preset are how it was written (a
+        # default spelt out, left implicit or named by a preset is the same cell, so a recipe keeps its
+        # cells when the defaults change and a preset pins it), and fields a defense gained later, sitting
+        # at their neutral value, identify nothing (identity_dict), so a config stored before they existed
+        # and one stored with them name the same cell.
+        config = {**config, "defense": {"name": d["name"],
                                         "config": drop_idle(defenses.DEFENSES.config_class(d["name"]), d["config"])}}
     return config_hash(config)
 
@@ -479,7 +480,22 @@ def expand(spec: GridSpec, *, zoo: str | Path | None = None, say=None) -> list[C
                                    "clean_fraction": frac}
                             cells.append(Cell("detect", cfg, {**axes, "defense": d.label, "seed": seed,
                                                               "clean_fraction": frac}, list(deps)))
+    _refuse_twins(cells, spec.source)
     return cells
+
+
+def _refuse_twins(cells: list[Cell], source: str):
+    """Two defense rows that resolve to one recipe (e.g. the default and the preset that spells it out)
+    would be one cell under two labels, and the store keeps one label per cell."""
+    seen: dict[str, str] = {}
+    for cell in cells:
+        if cell.kind == "attack":
+            continue
+        label = cell.axes["defense"]
+        other = seen.setdefault(cell.hash, label)
+        if other != label:
+            raise UserError(f"{source}: defenses {other!r} and {label!r} are the same recipe (their resolved "
+                            "configs are equal); keep one of them")
 
 
 def _existing_model(entry: AttackEntry, zoo) -> Path | None:
