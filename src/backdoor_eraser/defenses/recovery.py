@@ -68,9 +68,9 @@ class RecoverableConfig(DefenseTrainConfig):
 class EraseRecoverConfig(RecoverableConfig):
     """The defaults of fine-tuning, NAD and ARGD (base.ERASE_RECOVER_SCHEDULE): 10 epochs at a constant
     lr 0.1, then 40 epochs of recovery. Evidence, not a paper's recipe: the papers' schedule (lr ÷10 after
-    2 epochs, preset ``short``) left 18-82 % ASR on a fixed-key Blend model trained the papers' way and cost
+    2 epochs, preset ``short``) left 16-82 % ASR on a fixed-key Blend model trained the papers' way and cost
     11-16 ACC points on models trained with a cosine schedule to lr 0; this one kept ACC within 1.4 points
-    and ASR under 3.5 % on every seed of the former and within 3.3 points / under 3.1 % on the latter
+    and ASR under 3.5 % on every seed of the former and within 3.5 points / under 3 % on the latter
     (benchmarks/results/erase-harder-findings.md; defaults-findings.md says how the default was chosen)."""
 
     schedule: str = "constant"
