@@ -220,7 +220,7 @@ class ARGD(Defense):
     presets = {
         "paper": dict(PAPER_SCHEDULE, release_compat=False),
         "release": dict(PAPER_SCHEDULE, release_compat=True),
-        "short": dict(PAPER_SCHEDULE, release_compat=False),
+        "short": dict(PAPER_SCHEDULE, release_compat=False),   # = paper
         # The default: fine-tuning's erase-recover structure (base.ERASE_RECOVER_SCHEDULE) for teacher and student.
         "erase-recover": dict(ERASE_RECOVER_SCHEDULE, release_compat=False, teacher_epochs=10),
     }

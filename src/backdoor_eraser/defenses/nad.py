@@ -196,6 +196,12 @@ def check_distillation(model: Classifier, beta, *, sites=None, teacher_sites=Non
     AttentionDistillation(model, teacher, beta, sites=sites, teacher_sites=teacher_sites).remove()
 
 
+# The release's β on its mean-squared distance and a 10-epoch teacher: every NAD preset but the paper's.
+RELEASE_DISTILLATION = dict(beta=(500.0, 1000.0, 1000.0), distance="code", teacher_epochs=10)
+# The paper's schedule with the release's distillation: the default until erase-recover replaced it.
+SHORT = dict(NAD_PAPER_SCHEDULE, **RELEASE_DISTILLATION)
+
+
 class NAD(Defense):
     """Neural Attention Distillation: a fine-tuned teacher guides the backdoored student's attention.
 
@@ -215,14 +221,14 @@ class NAD(Defense):
     stages = (Stage("teacher", "teacher_epochs", "teacher"), Stage("student", "epochs"), KD_STAGE)
     presets = {
         "paper": dict(NAD_PAPER_SCHEDULE, beta=(5000.0, 5000.0, 5000.0), distance="code", teacher_epochs=10),
-        "release": dict(NAD_RELEASE_SCHEDULE, beta=(500.0, 1000.0, 1000.0), distance="code", teacher_epochs=10),
-        "short": dict(NAD_PAPER_SCHEDULE, beta=(500.0, 1000.0, 1000.0), distance="code", teacher_epochs=10),
+        "release": dict(NAD_RELEASE_SCHEDULE, **RELEASE_DISTILLATION),
+        "short": dict(SHORT),
         # short in 0.41x the time at the same ACC and ASR (4 seeds, benchmarks/results/faster-nad-findings.md):
         # lr ÷10 every 2 epochs leaves epochs 6-10 of each stage at lr ≤ 1e-3, where the weights barely move;
         # the student keeps 5 epochs, the teacher (cheaper per epoch, no distillation) 4.
-        "fast": dict(NAD_PAPER_SCHEDULE, beta=(500.0, 1000.0, 1000.0), distance="code", epochs=5, teacher_epochs=4),
+        "fast": dict(SHORT, epochs=5, teacher_epochs=4),
         # The default: fine-tuning's erase-recover structure (base.ERASE_RECOVER_SCHEDULE) for teacher and student.
-        "erase-recover": dict(ERASE_RECOVER_SCHEDULE, beta=(500.0, 1000.0, 1000.0), distance="code", teacher_epochs=10),
+        "erase-recover": dict(ERASE_RECOVER_SCHEDULE, **RELEASE_DISTILLATION),
     }
 
     def __init__(self, config: NADConfig):

@@ -74,7 +74,6 @@ class EraseRecoverConfig(RecoverableConfig):
     (benchmarks/results/erase-harder-findings.md; defaults-findings.md says how the default was chosen)."""
 
     schedule: str = "constant"
-    milestones: tuple[int, ...] = ()
     kd_epochs: int = field(default=40, metadata={"neutral": 0})
 
 
