@@ -9,7 +9,9 @@
 # EPOCHS=60 gives zoo/v2-60ep-wd1e-4's recipe. EPOCHS and MILESTONE override the length for quick
 # checks, AUGMENT the attack's augmentation (none: the NAD release's way), BATCH the batch size (64 in
 # the NAD and ABL code). Refool and clean-label use their defaults: one ARGD-style reflection image, and
-# the four-corner trigger. That Refool failed on this recipe (4.2 % ASR, zoo-v2-findings.md section 7); two
+# the four-corner trigger; clean-label's PGD runs against the zoo's clean model (SURROGATE), a standard-trained
+# one as in zoo/fragile: the built-in adversarial surrogate (30 epochs of PGD-7 adversarial training) costs about
+# 8 zoo models' time on a CPU, and the four-corner trigger reached 99.98 % ASR without it. That Refool failed on this recipe (4.2 % ASR, zoo-v2-findings.md section 7); two
 # variants to test: refool-selected runs the paper's reflection selection (4 rounds of 10-epoch proxies)
 # over the released selected reflections (REFOOL_DIR, from the licensed triggers archive), refool-poisoned
 # is BackdoorBench's default form (poisoned labels, 10 % of the training set). blend-nad is the Blend that the
@@ -32,7 +34,7 @@ declare -A ARGS=(
   [wanet]="--attack wanet"
   [clean-seed1]="--attack badnets --rate 0 --seed 1"
   [badnets-seed1]="--attack badnets --seed 1"
-  [clean-label]="--attack clean-label --corners four-corners"
+  [clean-label]="--attack clean-label --corners four-corners --surrogate ${SURROGATE:-zoo/v2-45ep-wd1e-4/clean}"
   [refool]="--attack refool"
   [refool-selected]="--attack refool --reflection-dir ${REFOOL_DIR:-benchmarks/work/triggers/backdoorbench/refool/Refool-SelectedReflectionImages} --reflection-indices none --select-rounds 4 --select-epochs 10"
   [refool-poisoned]="--attack refool --label-mode poisoned --rate 0.1"

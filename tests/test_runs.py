@@ -121,3 +121,19 @@ def test_metrics_files_are_strict_json_without_nan_tokens(tmp_path):
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict token {c}")) == \
         {"acc": None, "asr": None, "ra": [0.5, None]}
+
+
+def test_batched_inference_matches_the_plain_forward_and_keeps_the_train_mode():
+    m = make()
+    x = torch.randint(0, 256, (70, 3, 32, 32), dtype=torch.uint8)
+    m.net.eval()
+    with torch.no_grad():
+        plain = m.net(m.prepare(x))
+    m.net.train()
+    parts = list(m.batched_logits(x, batch_size=32))
+    assert [len(p) for p in parts] == [32, 32, 6]
+    assert m.net.training  # restored
+    assert not any(p.requires_grad for p in parts)
+    torch.testing.assert_close(torch.cat(parts), plain, atol=1e-4, rtol=1e-4)
+    assert torch.equal(m.predict(x, batch_size=32), plain.argmax(1))
+    assert m.predict(x[:0]).shape == (0,)

@@ -4,31 +4,24 @@ from __future__ import annotations
 import torch
 
 from .attacks.base import Attack, TriggeredTestSet
-from .classifier import Classifier, nonfinite_summary
+from .classifier import EVAL_BATCH, Classifier, nonfinite_summary
 from .data.dataset import ImageDataset
 from .errors import NonFiniteModel
 
 
-def accuracy(model: Classifier, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
+def accuracy(model: Classifier, images: torch.Tensor, labels: torch.Tensor, batch_size: int = EVAL_BATCH) -> float:
     if len(images) == 0:
         return float("nan")
     return (model.predict(images, batch_size) == labels.cpu()).double().mean().item()
 
 
-@torch.no_grad()
 def predict_finite(model: Classifier, images: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:
     """``model.predict``, refusing NaN/inf logits: their argmax is an arbitrary class, so a broken model
     would score as a perfect backdoor."""
-    was_training = model.net.training
-    model.net.eval()
     preds, bad = [], torch.zeros((), dtype=torch.int64)
-    try:
-        for i in range(0, len(images), batch_size):
-            logits = model(images[i:i + batch_size])
-            bad += (~torch.isfinite(logits)).any(1).sum().cpu()
-            preds.append(logits.argmax(1).cpu())
-    finally:
-        model.net.train(was_training)
+    for logits in model.batched_logits(images, batch_size):
+        bad += (~torch.isfinite(logits)).any(1).sum().cpu()
+        preds.append(logits.argmax(1).cpu())
     if int(bad):
         raise NonFiniteModel(f"{name} gives NaN/inf logits for {int(bad)} of {len(images)} images, so it has no "
                              "meaningful ACC or ASR (overflowing weights or a diverged training)")
@@ -36,7 +29,7 @@ def predict_finite(model: Classifier, images: torch.Tensor, batch_size: int, nam
 
 
 def evaluate(model: Classifier, test: ImageDataset, attack: Attack | None = None,
-             triggered: TriggeredTestSet | None = None, batch_size: int = 512, *, name: str = "the model") -> dict:
+             triggered: TriggeredTestSet | None = None, batch_size: int = EVAL_BATCH, *, name: str = "the model") -> dict:
     """Metrics as fractions in [0, 1].
 
     - ``acc``: accuracy on the whole clean test set;
