@@ -89,6 +89,23 @@ def test_clean_label_pgd_increases_the_surrogate_loss(data, clean_label):
     assert (after > before).all()
 
 
+def test_clean_label_pgd_reports_progress_unless_quiet(data, clean_label, capsys):
+    pos = clean_label.select_poison(data.train, 0)[:5]
+    images, labels = data.train.images[pos], data.train.labels[pos]
+    cfg = clean_label.config
+    kept = cfg.pgd_batch_size, cfg.steps
+    cfg.pgd_batch_size, cfg.steps = 2, 2
+    try:
+        loud = clean_label.perturb(images, labels, quiet=False)
+        lines = capsys.readouterr().out.splitlines()
+        quiet = clean_label.perturb(images, labels)
+    finally:
+        cfg.pgd_batch_size, cfg.steps = kept
+    assert [line.split(",")[0] for line in lines] == [f"clean-label PGD (2 steps): {n} of 5 images" for n in (2, 4, 5)]
+    assert capsys.readouterr().out == ""
+    assert torch.equal(loud, quiet)
+
+
 def test_clean_label_trigger_state_reproduces_the_poisoned_set(data, clean_label):
     again = CleanLabel(CleanLabelConfig(surrogate="standard"))
     again.load_trigger_state(clean_label.trigger_state())

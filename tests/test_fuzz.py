@@ -596,9 +596,9 @@ def test_show_trigger_honours_device_and_reports_unwritable_png(capsys, tmp_path
     seen = []
     real = Attack.fit_trigger
 
-    def fit_trigger(self, train, *, seed=0, device="cpu"):
+    def fit_trigger(self, train, *, seed=0, device="cpu", quiet=False):
         seen.append(str(device))
-        return real(self, train, seed=seed, device=device)
+        return real(self, train, seed=seed, device=device, quiet=quiet)
     monkeypatch.setattr(Attack, "fit_trigger", fit_trigger)
     code, _, err = cli(capsys, "show-trigger", "--attack", "blend", "--count", "2", "--device", "cpu",
                        "--out", tmp_path / "t.png")

@@ -107,7 +107,7 @@ def run_attack(*, dataset: str, data_dir: str | None, arch: str, attack: str, at
                     "train": config_to_dict(train)}, resume=resume, quiet=quiet)
     splits = splits or load_data(dataset, data_dir, data_options)
     check_target(atk, splits)
-    atk.fit_trigger(splits.train, seed=seed, device=dev)
+    atk.fit_trigger(splits.train, seed=seed, device=dev, quiet=quiet)
     poisoned = atk.poison(splits.train, seed=seed)
     model = new_model(arch, splits.train.classes, splits.train.shape, norm, dev, seed)
     batch_hook = atk.training_batch_hook(splits.train.num_classes)

@@ -108,9 +108,10 @@ class Attack:
             raise UserError(f"attack {self.name!r} has no trigger state to load")
 
     # -- optional stages for attacks that need more than a fixed trigger -------------------
-    def fit_trigger(self, train: ImageDataset, *, seed: int = 0, device="cpu") -> None:
+    def fit_trigger(self, train: ImageDataset, *, seed: int = 0, device="cpu", quiet: bool = False) -> None:
         """Build data-dependent trigger state before poisoning (e.g. an optimised patch or a
-        surrogate model for adversarial perturbations). Default: nothing to do."""
+        surrogate model for adversarial perturbations), with progress lines unless ``quiet``.
+        Default: nothing to do."""
 
     def training_batch_hook(self, num_classes: int):
         """A ``batch_hook(x_uint8, y, generator) -> (x, y)`` for the trainer when poisoning happens

@@ -2,6 +2,7 @@
 perturbed target-class images plus a corner trigger, labels unchanged (spec §4.5)."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,7 +170,7 @@ class CleanLabel(Attack):
         s = self.config.surrogate
         return True if s == "adversarial" else False if s in ("standard", "none") else None
 
-    def fit_trigger(self, train: ImageDataset, *, seed: int = 0, device="cpu") -> None:
+    def fit_trigger(self, train: ImageDataset, *, seed: int = 0, device="cpu", quiet: bool = False) -> None:
         """Get the surrogate, then PGD-perturb the target-class images chosen for poisoning."""
         self._check_target(train.num_classes)
         cfg = self.config
@@ -177,12 +178,12 @@ class CleanLabel(Attack):
         pos = self.select_poison(train, seed)
         images = train.images[pos]
         if cfg.surrogate != "none" and len(pos):
-            self.surrogate = self._get_surrogate(train, seed, device)
-            images = self.perturb(images, train.labels[pos])
+            self.surrogate = self._get_surrogate(train, seed, device, quiet)
+            images = self.perturb(images, train.labels[pos], quiet=quiet)
         order = torch.argsort(train.index[pos])
         self._indices, self._perturbed = train.index[pos][order].clone(), images[order].clone()
 
-    def _get_surrogate(self, train: ImageDataset, seed: int, device) -> Classifier:
+    def _get_surrogate(self, train: ImageDataset, seed: int, device, quiet: bool = False) -> Classifier:
         from ..runs import load_model, new_model
         from ..training import Task, TrainConfig, Trainer
 
@@ -199,15 +200,17 @@ class CleanLabel(Attack):
         if cfg.surrogate == "adversarial":
             objective = AdversarialTraining(model, cfg.surrogate_epsilon / 255, cfg.surrogate_step / 255,
                                             cfg.surrogate_steps)
-        Trainer(recipe, desc=f"clean-label {cfg.surrogate} surrogate").fit(model, train, task=Task(objective))
+        Trainer(recipe, desc=f"clean-label {cfg.surrogate} surrogate", quiet=quiet).fit(model, train, task=Task(objective))
         return model
 
-    def perturb(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """uint8 images pushed away from their true labels by PGD on the surrogate, ≤ ε per pixel."""
+    def perturb(self, images: torch.Tensor, labels: torch.Tensor, *, quiet: bool = True) -> torch.Tensor:
+        """uint8 images pushed away from their true labels by PGD on the surrogate, ≤ ε per pixel; a
+        progress line per batch unless ``quiet`` (4,000 CIFAR-10 images take minutes on a CPU)."""
         cfg, model = self.config, self.surrogate
         model.net.eval()
         eps = int(cfg.epsilon)
         out = []
+        t0 = time.perf_counter()
         for i in range(0, len(images), cfg.pgd_batch_size):
             x = images[i:i + cfg.pgd_batch_size]
             adv = pgd(model, x.to(model.device).float() / 255, labels[i:i + len(x)].to(model.device),
@@ -216,6 +219,9 @@ class CleanLabel(Attack):
             # Rounding must not step outside the ε-ball in grey levels.
             base = x.float()
             out.append(torch.minimum(torch.maximum(adv, base - eps), base + eps).clamp_(0, 255).to(torch.uint8))
+            if not quiet:
+                print(f"clean-label PGD ({cfg.steps} steps): {i + len(x)} of {len(images)} images, "
+                      f"{time.perf_counter() - t0:.0f} s", flush=True)
         return torch.cat(out)
 
     # -- poisoning -----------------------------------------------------------------------------------

@@ -236,7 +236,7 @@ class Refool(Attack):
         self.weights: torch.Tensor | None = None   # the selection's, one per reflection; None: uniform
 
     # -- the reflection pool ----------------------------------------------------------------
-    def fit_trigger(self, train: ImageDataset, *, seed: int = 0, device="cpu") -> None:
+    def fit_trigger(self, train: ImageDataset, *, seed: int = 0, device="cpu", quiet: bool = False) -> None:
         """Read the reflection folder, or draw the pool from the training set's non-target classes; then,
         with ``select_rounds``, weigh the pool by the adversarial selection."""
         self._check_target(train.num_classes)
@@ -245,7 +245,7 @@ class Refool(Attack):
         if self.config.select_rounds:
             from .refool_selection import select_reflections
 
-            self.weights = select_reflections(self, train, seed=seed, device=device)
+            self.weights = select_reflections(self, train, seed=seed, device=device, quiet=quiet)
 
     def _fill_pool(self, train: ImageDataset, seed: int) -> None:
         if self.config.reflection_dir:
@@ -331,7 +331,7 @@ class Refool(Attack):
         ``stream`` where given (the selection's rounds draw their own)."""
         self._check_target(dataset.num_classes)
         if self._pool is None and not self.config.reflection_dir:
-            self.fit_trigger(dataset, seed=seed)
+            self.fit_trigger(dataset, seed=seed, quiet=True)
         pos = self.select_poison(dataset, seed)
         keys = [(*(stream or (POISON_STREAM,)), seed, int(i)) for i in dataset.index[pos]]
         return self._poison_at(dataset, pos, lambda images: self.add_reflections(images, keys))

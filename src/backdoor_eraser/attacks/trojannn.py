@@ -186,7 +186,7 @@ class TrojanNN(Attack):
         return model
 
     def fit_trigger(self, train: ImageDataset, *, seed: int = 0, device="cpu", run_dir: str | Path | None = None,
-                    resume: bool = False) -> None:
+                    resume: bool = False, quiet: bool = False) -> None:
         """Choose the neurons and optimise the patch inside the mask to excite them: ``steps`` trainer
         epochs of one step on the whole canvas, with a checkpoint after each under ``run_dir``."""
         cfg = self.config

@@ -97,7 +97,7 @@ class WaNet(Attack):
         m = identity_grid(h, w) + cfg.s * self.noise_grid(h, w) / h
         return m.clamp(-1, 1) * cfg.grid_rescale
 
-    def fit_trigger(self, train: ImageDataset, *, seed: int = 0, device="cpu") -> None:
+    def fit_trigger(self, train: ImageDataset, *, seed: int = 0, device="cpu", quiet: bool = False) -> None:
         # Built here so trigger_state() holds the field even before the first batch.
         self.noise_grid(*train.shape[1:])
 
