@@ -430,3 +430,25 @@ def test_committed_benchmark_specs_parse(path):
     spec = load_spec(str(path))
     assert spec.name == path.stem and spec.attacks and spec.seeds
     assert expand(spec)
+
+
+def test_a_cells_attention_figure_shows_the_first_triggered_test_image(tmp_path, monkeypatch):
+    import torch
+
+    from backdoor_eraser import viz, workflows
+    from backdoor_eraser.grid.runner import _attention
+    from backdoor_eraser.training import TrainConfig
+
+    splits = workflows.load_data("synthetic", None, {"n_train": 100, "n_test": 100})
+    run = tmp_path / "badnets"
+    workflows.run_attack(dataset="synthetic", data_dir=None, arch="wrn-10-1", attack="badnets", out=run,
+                         train=TrainConfig(epochs=1, batch_size=50, augment="none"), splits=splits,
+                         epoch_eval=False, quiet=True)
+    drawn = {}
+    monkeypatch.setattr(viz, "attention_figure", lambda models, image, out, title: drawn.update(
+        models=sorted(models), image=image, out=out))
+    _attention(run, run, splits, "nad")
+    atk = workflows.attack_for(json.loads((run / "meta.json").read_text()), run, None, None)
+    first = atk.triggered_test_set(splits.test).images[0]
+    assert drawn["models"] == ["backdoored", "nad"] and drawn["out"] == run / "attention.png"
+    assert torch.equal(drawn["image"], first) and drawn["image"][:, -3:, -3:].sum() > 0
