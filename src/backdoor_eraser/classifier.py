@@ -68,9 +68,10 @@ def nonfinite_summary(tensors: dict[str, torch.Tensor]) -> str:
 
 
 # Inference runs 256 images at a time in channels-last layout: oneDNN's CPU convolutions take NHWC
-# natively, so a WRN-16-1 forward on a 2-core AVX-512 CPU ran at 2,750 images/s this way against 1,240 at
-# the 512 contiguous images used before (1,990 at 256 contiguous), with logits within 6e-6 of those and
-# the same argmax on 4,096 CIFAR-10 test images. Evaluation was most of a short defense run's time.
+# natively, so a WRN-16-1 forward on a 2-core AVX-512 CPU ran 2.5x as fast as the 512 contiguous images
+# used before, with logits within 6e-6 and the same argmax on 4,096 CIFAR-10 test images
+# (benchmarks/eval_throughput.py, benchmarks/results/eval_throughput.md). Evaluation was most of a short
+# defense run's time.
 EVAL_BATCH = 256
 
 
