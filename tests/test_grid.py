@@ -393,6 +393,33 @@ def test_rows_stored_under_an_older_identity_of_the_same_cell_are_adopted(tmp_pa
     assert store.db.execute("SELECT COUNT(*) FROM cells").fetchone()[0] == 2
 
 
+def test_cells_not_yet_run_take_the_current_model_path_and_grid_folder(tmp_path):
+    """A store copied from another checkout holds pending cells whose model path and run folder are
+    gone; they run with today's. Done cells keep the record of what ran, and a failed cell keeps the
+    folder that holds its partial run."""
+    from backdoor_eraser.grid.spec import Cell
+
+    d = expand(parse_spec(TINY))[1]
+    now = {**d.config, "model": {"run": str(tmp_path / "zoo" / "badnets"), "sha256": "ab" * 32}}
+    then = {**now, "model": {"run": "/gone/badnets", "sha256": "ab" * 32}}
+    seeds = [Cell("defense", {**then, "seed": s}, {**d.axes, "seed": s}, []) for s in (0, 1, 2)]
+    store = Store(tmp_path)
+    partial = tmp_path / "old-grid" / "partial"
+    partial.mkdir(parents=True)
+    for cell, status, run_dir in zip(seeds, ("pending", "done", "failed"),
+                                     ("/gone/grid/a", "/gone/grid/b", str(partial))):
+        store.db.execute("INSERT INTO cells (hash, kind, config, deps, run_dir, status) VALUES (?, 'defense', ?, '[]', ?, ?)",
+                         (cell.hash, json.dumps(cell.config), run_dir, status))
+    current = [Cell("defense", {**now, "seed": s}, {**d.axes, "seed": s}, []) for s in (0, 1, 2)]
+    assert [c.hash for c in current] == [c.hash for c in seeds]
+    assert store.add("tiny", current, lambda c: tmp_path / "grid" / c.hash) == set()
+    rows = {r["axes"]["seed"]: r for r in store.rows("tiny")}
+    assert rows[0]["config"]["model"]["run"] == now["model"]["run"]
+    assert rows[0]["run_dir"] == str(tmp_path / "grid" / current[0].hash)
+    assert rows[1]["config"]["model"]["run"] == "/gone/badnets" and rows[1]["run_dir"] == "/gone/grid/b"
+    assert rows[2]["config"]["model"]["run"] == now["model"]["run"] and rows[2]["run_dir"] == str(partial)
+
+
 def test_a_default_spelt_out_in_the_spec_names_the_same_cell():
     plain = expand(parse_spec(TINY))
     spelt = expand(parse_spec(TINY.replace("{name: nad, epochs_budget: 1}",

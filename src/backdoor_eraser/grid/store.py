@@ -130,11 +130,26 @@ class Store:
                                   str(run_dir_for(cell))))
                 if cur.rowcount:
                     new.add(h)
+                else:
+                    self._refresh_unrun(db, h, cell, run_dir_for(cell))
                 db.execute("INSERT OR REPLACE INTO members VALUES (?, ?, ?, ?)",
                            (spec, h, pos, json.dumps(cell.axes)))
             db.execute("INSERT INTO invocations (spec, command, spec_text, started) VALUES (?, ?, ?, ?)",
                        (spec, command, spec_text, now()))
         return new
+
+    @staticmethod
+    def _refresh_unrun(db, h: str, cell, run_dir):
+        """A cell not yet run takes the current expansion's config: one hash covers a model wherever its
+        folder lies, and the stored path may be gone (a store copied from another checkout or grid
+        folder, a zoo model moved). Its run folder moves to the current grid folder too, unless it
+        already holds a partial run to resume. Done and running cells keep what they ran with."""
+        row = db.execute("SELECT run_dir FROM cells WHERE hash = ? AND status IN ('pending', 'failed')", (h,)).fetchone()
+        if row is None:
+            return
+        keep = row[0] and Path(row[0]).exists()
+        db.execute("UPDATE cells SET config = ?, run_dir = ? WHERE hash = ?",
+                   (json.dumps(cell.config, sort_keys=True), row[0] if keep else str(run_dir), h))
 
     @staticmethod
     def _adopt_moved(db, cells):
