@@ -3,9 +3,8 @@ paired differences as markdown.
 
 Two grids often hold the same defense run in fp32 and in bf16: a spec that pins ``amp: none`` and one
 that leaves the default ``auto`` (bf16 where the CPU runs it natively). Their cells have different
-hashes, so no report puts them side by side; this script does, matching cells whose configs are equal
-once the defense's ``amp``, its preset name and the spec's params (which only say how the config was
-written) are left out.
+hashes, so no report puts them side by side; this script does, matching cells whose identity (the
+grid's cell hash) is equal once the defense's ``amp`` is left out.
 
     python benchmarks/precision_pairs.py STORE_A:SPEC_A STORE_B:SPEC_B > OUT.md
 
@@ -17,26 +16,15 @@ import argparse
 import statistics
 from collections import defaultdict
 
+from backdoor_eraser.grid.spec import cell_hash
 from backdoor_eraser.grid.store import Store
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = repr(v)
-    return out
-
-
-IGNORED = ("defense.config.amp", "defense.preset")
-
-
-def pair_key(config: dict) -> tuple:
-    flat = _flat(config)
-    return tuple(sorted((k, v) for k, v in flat.items()
-                        if k not in IGNORED and not k.startswith("defense.params.")))
+def pair_key(config: dict) -> str:
+    """The cell's own identity (``grid.spec.cell_hash``: the resolved config, without the spec's params,
+    the preset name and idle fields) with the precision left out."""
+    d = config["defense"]
+    return cell_hash({**config, "defense": {**d, "config": {**d["config"], "amp": None}}})
 
 
 def done_defense_cells(arg: str) -> list[dict]:
