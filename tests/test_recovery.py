@@ -8,7 +8,8 @@ import torch
 from backdoor_eraser import defenses
 from backdoor_eraser.classifier import Normalization
 from backdoor_eraser.data.dataset import ImageDataset
-from backdoor_eraser.defenses.recovery import DistilBack
+from backdoor_eraser.defenses.attention import attention_vector
+from backdoor_eraser.defenses.recovery import AttentionAnchor, DistilBack
 from backdoor_eraser.errors import UserError
 from backdoor_eraser.runs import new_model
 from conftest import same_rows
@@ -84,12 +85,13 @@ def test_recovery_stage_runs_after_the_defense_and_leaves_the_input_alone(tmp_pa
     assert any(not torch.equal(v, plain.model.net.state_dict()[k]) for k, v in res.model.net.state_dict().items())
 
 
-def test_recovery_resumes_exactly(kill_and_resume):
+@pytest.mark.parametrize("anchor", [0.0, 10.0])
+def test_recovery_resumes_exactly(kill_and_resume, anchor):
     data = tiny()
     model = new_model("wrn-10-1", data.classes, (3, 8, 8), Normalization(), "cpu", 0)
     # checkpoints 1-2: fine-tuning; 3: the first of three recovery epochs
-    whole, again = kill_and_resume(lambda: defenses.create("finetune", epochs=2, batch_size=16, kd_epochs=3),
-                                   model, data, 3)
+    whole, again = kill_and_resume(lambda: defenses.create("finetune", epochs=2, batch_size=16, kd_epochs=3,
+                                                           kd_anchor=anchor), model, data, 3)
     a, b = again.model.net.state_dict(), whole.model.net.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert same_rows(again.history, whole.history) and len(whole.history) == 5
@@ -107,7 +109,58 @@ def test_recovery_with_mixup_resumes_exactly_and_differs_from_plain(kill_and_res
     assert plain.history[-1]["kd"] != whole.history[-1]["kd"]
 
 
-@pytest.mark.parametrize("bad", [dict(kd_epochs=-1), dict(kd_temperature=0.0), dict(kd_alpha=1.5),
+def test_the_attention_anchor_adds_the_distance_to_the_erased_models_maps():
+    model = new_model("wrn-10-1", ["a", "b", "c", "d"], (3, 8, 8), Normalization(), "cpu", 0)
+    other = new_model("wrn-10-1", ["a", "b", "c", "d"], (3, 8, 8), Normalization(), "cpu", 1)
+    x, labels = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    other.net.eval()   # the anchor is frozen in eval mode; the student trains
+    by_hand = []
+    for m in (model, other):   # the maps by hand, through a forward pass with hooks of our own
+        taps = {}
+        hooks = [m.net.get_submodule(s).register_forward_hook(lambda mod, i, o, s=s: taps.__setitem__(s, o))
+                 for s in model.sites]
+        with torch.no_grad():
+            m.net(x)
+        by_hand.append([attention_vector(taps[s]) for s in model.sites])
+        for h in hooks:
+            h.remove()
+    expect = sum(((a - b) ** 2).mean() for a, b in zip(*by_hand)).item()
+    anchor = AttentionAnchor(model, other)
+    try:
+        task = DistilBack(fixed_teacher(torch.zeros(1, 4)), temperature=1.0, alpha=0.0, anchor=anchor,
+                          anchor_weight=10.0)
+        logits = model.net(x)
+        loss, terms = task.loss(logits, x, labels)
+        ce = torch.nn.functional.cross_entropy(logits, labels).item()
+        assert expect > 0 and terms["anchor"].item() == pytest.approx(expect, rel=1e-5)
+        assert loss.item() == pytest.approx(ce + 10.0 * expect, rel=1e-5)
+        loss.backward()   # the gradient reaches the student, not the anchor
+        assert model.net.conv1.weight.grad is not None and other.net.conv1.weight.grad is None
+    finally:
+        anchor.remove()
+    assert not model.net.get_submodule(model.sites[0])._forward_hooks
+
+
+def test_an_anchored_recovery_stays_nearer_the_erased_models_attention():
+    data = tiny()
+    model = new_model("wrn-10-1", data.classes, (3, 8, 8), Normalization(), "cpu", 0)
+    make = lambda **kw: defenses.create("finetune", epochs=4, batch_size=10, kd_epochs=3, kd_lr=0.05, **kw)
+    plain, held = make().purify(model, data, quiet=True), make(kd_anchor=10.0).purify(model, data, quiet=True)
+    assert same_rows(plain.history[:4], held.history[:4])   # the fine-tuning is the same
+    assert all("anchor" in r for r in held.history if r.get("phase") == "kd")
+    erased = defenses.create("finetune", epochs=4, batch_size=10, kd_epochs=0).purify(model, data, quiet=True).model
+    x, dist = data.images.float() / 255, {}
+    for name, res in (("plain", plain), ("held", held)):   # the final maps' distance to the erased model's
+        anchor = AttentionAnchor(res.model, erased)
+        res.model.net.eval()
+        with torch.no_grad():
+            res.model.net(x)
+            dist[name] = anchor(x).item()
+        anchor.remove()
+    assert dist["held"] < 0.7 * dist["plain"]
+
+
+@pytest.mark.parametrize("bad", [dict(kd_anchor=-1.0), dict(kd_epochs=-1), dict(kd_temperature=0.0), dict(kd_alpha=1.5),
                                  dict(kd_schedule="sometimes"), dict(kd_epochs=2, kd_augment="crop+blur")])
 def test_bad_recovery_settings_are_refused(bad):
     with pytest.raises(UserError):

@@ -23,7 +23,9 @@ import torch.nn.functional as F
 
 from ..classifier import Classifier
 from ..errors import UserError
+from ..models.taps import FeatureTaps
 from ..training import Task, Trainer
+from .attention import attention_distance, attention_vector
 from .base import DefenseTrainConfig, PurifyResult, Stage
 
 KD_STAGE = Stage("kd", "kd_epochs", "kd", optional=True)
@@ -52,11 +54,19 @@ class RecoverableConfig(DefenseTrainConfig):
     # al., "Knowledge distillation: a good teacher is patient and consistent", CVPR 2022: consistent
     # inputs, mixup and long schedules). Off (False) is what the stage did before the field existed.
     kd_mixup: bool = field(default=False, metadata={"neutral": False, "with": "kd_epochs"})
+    # Keep the student's attention maps (at the model's attention sites, NAD's mean |a|² with the release's
+    # mean-squared distance) near those of the model the stage starts from, which the defense's own stages
+    # erased: weight of Σ_sites d(A(student), A(erased)). The distillation pulls the student back towards
+    # the backdoored model as a whole; the anchor holds it to the erased model's features while the
+    # outputs are learned back. 0 (off) is what the stage did before the field existed.
+    kd_anchor: float = field(default=0.0, metadata={"neutral": 0.0, "with": "kd_epochs"})
 
     def check(self):
         super().check()
-        if self.kd_epochs < 0 or self.kd_lr < 0 or self.kd_temperature <= 0 or not 0 <= self.kd_alpha <= 1:
-            raise UserError("kd_epochs must be ≥ 0, kd_lr ≥ 0, kd_temperature > 0 and kd_alpha in [0, 1]")
+        if (self.kd_epochs < 0 or self.kd_lr < 0 or self.kd_temperature <= 0 or not 0 <= self.kd_alpha <= 1
+                or self.kd_anchor < 0):
+            raise UserError("kd_epochs must be ≥ 0, kd_lr ≥ 0, kd_temperature > 0, kd_alpha in [0, 1] "
+                            "and kd_anchor ≥ 0")
         self.kd_train_config().check()
 
     def kd_train_config(self):
@@ -77,15 +87,43 @@ class EraseRecoverConfig(RecoverableConfig):
     kd_epochs: int = field(default=40, metadata={"neutral": 0})
 
 
+class AttentionAnchor:
+    """Σ over the student's attention sites of the mean-squared distance between the student's and a
+    frozen ``anchor`` model's normalised attention maps (NAD's A = mean |a|², the release's distance) on
+    the step's inputs. ``remove()`` takes the hooks off both models."""
+
+    def __init__(self, student: Classifier, anchor: Classifier):
+        if not student.sites:
+            raise UserError(f"kd_anchor needs attention sites, and model {student.arch!r} names none")
+        self.sites = list(student.sites)
+        self.anchor = anchor
+        self.student_taps = FeatureTaps(student.net, self.sites)
+        self.anchor_taps = FeatureTaps(anchor.net, self.sites)
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.anchor.net(inputs)
+        return sum(attention_distance(attention_vector(self.student_taps[site]),
+                                      attention_vector(self.anchor_taps[site].detach()))
+                   for site in self.sites)
+
+    def remove(self):
+        self.student_taps.remove()
+        self.anchor_taps.remove()
+
+
 class DistilBack(Task):
     """α·T²·KL(teacher ‖ student at temperature T) + (1 − α)·CE, the teacher's logits computed on the
     step's own (augmented, normalised) inputs. With ``mixup`` each uint8 image is first mixed with
     another of its batch, λ·x_i + (1 − λ)·x_π(i), λ ~ U(0, 1) per image, and the CE term weighs both
-    labels by their share; the generator is the loop's, so a resumed run mixes the same way."""
+    labels by their share; the generator is the loop's, so a resumed run mixes the same way. With an
+    ``anchor`` (:class:`AttentionAnchor`), ``anchor_weight`` times its distance is added."""
 
-    def __init__(self, teacher: Classifier, temperature: float, alpha: float, mixup: bool = False):
+    def __init__(self, teacher: Classifier, temperature: float, alpha: float, mixup: bool = False,
+                 anchor: AttentionAnchor | None = None, anchor_weight: float = 0.0):
         super().__init__()
         self.teacher, self.t, self.alpha, self.mixup = teacher, float(temperature), float(alpha), mixup
+        self.anchor, self.anchor_weight = anchor, float(anchor_weight)
         self._mix: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def before_augment(self, x, y, generator):
@@ -109,7 +147,11 @@ class DistilBack(Task):
                   + (1 - lam) * F.cross_entropy(logits, other, reduction="none")).mean()
         kd = F.kl_div(F.log_softmax(logits.float() / self.t, 1), target, reduction="batchmean",
                       log_target=True) * self.t ** 2
-        return self.alpha * kd + (1 - self.alpha) * ce, {"ce": ce.detach(), "kd": kd.detach()}
+        loss, terms = self.alpha * kd + (1 - self.alpha) * ce, {"ce": ce.detach(), "kd": kd.detach()}
+        if self.anchor is not None:
+            at = self.anchor(inputs)
+            loss, terms["anchor"] = loss + self.anchor_weight * at, at.detach()
+        return loss, terms
 
 
 def recover(original: Classifier, result: PurifyResult, clean, cfg: RecoverableConfig, *,
@@ -120,9 +162,19 @@ def recover(original: Classifier, result: PurifyResult, clean, cfg: RecoverableC
         return result
     teacher = original.copy()
     teacher.net.eval().requires_grad_(False)
-    res = Trainer(cfg.kd_train_config(), desc="kd recovery", quiet=quiet).fit(
-        result.model, clean, task=DistilBack(teacher, cfg.kd_temperature, cfg.kd_alpha, cfg.kd_mixup),
-        run_dir=run_dir / KD_STAGE.folder if run_dir else None, resume=resume)
+    anchor = None
+    if cfg.kd_anchor:
+        erased = result.model.copy()
+        erased.net.eval().requires_grad_(False)
+        anchor = AttentionAnchor(result.model, erased)
+    try:
+        res = Trainer(cfg.kd_train_config(), desc="kd recovery", quiet=quiet).fit(
+            result.model, clean,
+            task=DistilBack(teacher, cfg.kd_temperature, cfg.kd_alpha, cfg.kd_mixup, anchor, cfg.kd_anchor),
+            run_dir=run_dir / KD_STAGE.folder if run_dir else None, resume=resume)
+    finally:
+        if anchor is not None:
+            anchor.remove()
     info = result.info
     epochs, steps = info.get("total_epochs", info.get("epochs", 0)), info.get("total_steps", info.get("steps", 0))
     info.update(kd_epochs=res.epochs, kd_steps=res.steps, kd_seconds=res.seconds,
