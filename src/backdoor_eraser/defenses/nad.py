@@ -6,14 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..classifier import Classifier
 from ..errors import UserError
-from ..models.taps import FeatureTaps
 from ..runs import new_model
 from ..training import Task, Trainer, TrainConfig, eval_columns
-from .attention import ATTENTION_FUNCTIONS, DISTANCES, attention_distance, attention_map, normalize_map
+from .attention import ATTENTION_FUNCTIONS, DISTANCES, AttentionDistillation
 from .base import ERASE_RECOVER_SCHEDULE, NAD_PAPER_SCHEDULE, NAD_RELEASE_SCHEDULE, Defense, PurifyResult, Stage
 from .recovery import KD_STAGE, EraseRecoverConfig, recover
 
@@ -98,62 +96,6 @@ def make_teacher(model: Classifier, clean, train: TrainConfig, *, kind: str = "f
     info = {"teacher": kind, "teacher_arch": arch, "teacher_epochs": res.epochs, "teacher_steps": res.steps,
             "teacher_seconds": res.seconds}
     return freeze(teacher), info
-
-
-class AttentionDistillation:
-    """CE + Σ_k β_k · d(A(student site k), A(teacher site k)); the teacher side is detached.
-
-    If a teacher map is larger than the student's (a different architecture), it is average-pooled
-    to the student's size, as the NAD author suggests for mismatched teachers (NAD issue #13).
-    """
-
-    def __init__(self, student: Classifier, teacher: Classifier, beta, *, p=2.0, function="mean_p",
-                 distance="code", sites=None, teacher_sites=None):
-        self.sites = list(sites or student.sites)
-        if not teacher_sites:
-            # explicit student sites name modules of the teacher too when both share an architecture
-            same_arch = teacher.arch == student.arch
-            teacher_sites = self.sites if (sites and same_arch) or not teacher.sites else teacher.sites
-        self.teacher_sites = list(teacher_sites)
-        if len(self.teacher_sites) != len(self.sites):
-            raise UserError(f"student has {len(self.sites)} attention sites but the teacher {len(self.teacher_sites)}")
-        if len(beta) != len(self.sites):
-            raise UserError(f"beta has {len(beta)} weights but there are {len(self.sites)} attention sites "
-                            f"({', '.join(self.sites)})")
-        self.beta = [float(b) for b in beta]
-        self.p, self.function, self.distance = p, function, distance
-        self.teacher = teacher
-        self.student_taps = FeatureTaps(student.net, self.sites)
-        self.teacher_taps = FeatureTaps(teacher.net, self.teacher_sites)
-
-    def maps(self, s_act: torch.Tensor, t_act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s = attention_map(s_act, self.p, self.function)
-        t = attention_map(t_act, self.p, self.function)
-        if s.shape[-2:] != t.shape[-2:]:
-            size = tuple(min(a, b) for a, b in zip(s.shape[-2:], t.shape[-2:]))
-            s = F.adaptive_avg_pool2d(s.unsqueeze(1), size).squeeze(1)
-            t = F.adaptive_avg_pool2d(t.unsqueeze(1), size).squeeze(1)
-        return normalize_map(s), normalize_map(t)
-
-    def __call__(self, logits, inputs, labels):
-        loss = F.cross_entropy(logits, labels)
-        with torch.no_grad():
-            self.teacher.net(inputs)
-        terms = {"ce": loss.detach()}
-        for k, (site, tsite, beta) in enumerate(zip(self.sites, self.teacher_sites, self.beta)):
-            s, t = self.maps(self.student_taps[site], self.teacher_taps[tsite].detach())
-            d = attention_distance(s, t, self.distance)
-            terms[f"at{k + 1}"] = d.detach()
-            if beta:
-                loss = loss + beta * d
-        return loss, terms
-
-    def trainable_parameters(self) -> list:
-        return []   # all of them are the student's
-
-    def remove(self):
-        self.student_taps.remove()
-        self.teacher_taps.remove()
 
 
 def distil(name: str, model: Classifier, clean, cfg: DistillationConfig, train: TrainConfig, objective_for, *,

@@ -23,9 +23,8 @@ import torch.nn.functional as F
 
 from ..classifier import Classifier
 from ..errors import UserError
-from ..models.taps import FeatureTaps
 from ..training import Task, Trainer
-from .attention import attention_distance, attention_vector
+from .attention import AttentionDistillation
 from .base import DefenseTrainConfig, PurifyResult, Stage
 
 KD_STAGE = Stage("kd", "kd_epochs", "kd", optional=True)
@@ -87,40 +86,16 @@ class EraseRecoverConfig(RecoverableConfig):
     kd_epochs: int = field(default=40, metadata={"neutral": 0})
 
 
-class AttentionAnchor:
-    """Σ over the student's attention sites of the mean-squared distance between the student's and a
-    frozen ``anchor`` model's normalised attention maps (NAD's A = mean |a|², the release's distance) on
-    the step's inputs. ``remove()`` takes the hooks off both models."""
-
-    def __init__(self, student: Classifier, anchor: Classifier):
-        if not student.sites:
-            raise UserError(f"kd_anchor needs attention sites, and model {student.arch!r} names none")
-        self.sites = list(student.sites)
-        self.anchor = anchor
-        self.student_taps = FeatureTaps(student.net, self.sites)
-        self.anchor_taps = FeatureTaps(anchor.net, self.sites)
-
-    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            self.anchor.net(inputs)
-        return sum(attention_distance(attention_vector(self.student_taps[site]),
-                                      attention_vector(self.anchor_taps[site].detach()))
-                   for site in self.sites)
-
-    def remove(self):
-        self.student_taps.remove()
-        self.anchor_taps.remove()
-
-
 class DistilBack(Task):
     """α·T²·KL(teacher ‖ student at temperature T) + (1 − α)·CE, the teacher's logits computed on the
     step's own (augmented, normalised) inputs. With ``mixup`` each uint8 image is first mixed with
     another of its batch, λ·x_i + (1 − λ)·x_π(i), λ ~ U(0, 1) per image, and the CE term weighs both
     labels by their share; the generator is the loop's, so a resumed run mixes the same way. With an
-    ``anchor`` (:class:`AttentionAnchor`), ``anchor_weight`` times its distance is added."""
+    ``anchor`` (an :class:`AttentionDistillation` to a frozen model), ``anchor_weight`` times the sum of its
+    per-site distances is added."""
 
     def __init__(self, teacher: Classifier, temperature: float, alpha: float, mixup: bool = False,
-                 anchor: AttentionAnchor | None = None, anchor_weight: float = 0.0):
+                 anchor: AttentionDistillation | None = None, anchor_weight: float = 0.0):
         super().__init__()
         self.teacher, self.t, self.alpha, self.mixup = teacher, float(temperature), float(alpha), mixup
         self.anchor, self.anchor_weight = anchor, float(anchor_weight)
@@ -149,9 +124,17 @@ class DistilBack(Task):
                       log_target=True) * self.t ** 2
         loss, terms = self.alpha * kd + (1 - self.alpha) * ce, {"ce": ce.detach(), "kd": kd.detach()}
         if self.anchor is not None:
-            at = self.anchor(inputs)
+            at = sum(self.anchor.distances(inputs))
             loss, terms["anchor"] = loss + self.anchor_weight * at, at.detach()
         return loss, terms
+
+
+def attention_anchor(student: Classifier, anchor: Classifier) -> AttentionDistillation:
+    """The distances between ``student``'s attention maps and a frozen ``anchor``'s at the student's attention
+    sites (NAD's mean |a|², the release's mean-squared distance); ``remove()`` takes the hooks off."""
+    if not student.sites:
+        raise UserError(f"kd_anchor needs attention sites, and model {student.arch!r} names none")
+    return AttentionDistillation(student, anchor, (1.0,) * len(student.sites))
 
 
 def recover(original: Classifier, result: PurifyResult, clean, cfg: RecoverableConfig, *,
@@ -166,7 +149,7 @@ def recover(original: Classifier, result: PurifyResult, clean, cfg: RecoverableC
     if cfg.kd_anchor:
         erased = result.model.copy()
         erased.net.eval().requires_grad_(False)
-        anchor = AttentionAnchor(result.model, erased)
+        anchor = attention_anchor(result.model, erased)
     try:
         res = Trainer(cfg.kd_train_config(), desc="kd recovery", quiet=quiet).fit(
             result.model, clean,
