@@ -307,6 +307,25 @@ def test_run_purify_seed_reaches_the_defense_training_and_preset_is_recorded(dem
     assert d["config"]["milestones"] == [2] and d["config"]["epochs"] == 1 and meta["precision"] == "none"
 
 
+def test_val_curves_record_the_validation_metrics_of_every_epoch(demo_run, tmp_path):
+    """--val-curves: each history row carries the validation images' ACC/ASR/RA (no test columns without
+    epoch_eval), and the last row's equal the run's final validation metrics (fine-tuning keeps its last epoch)."""
+    import csv
+
+    from backdoor_eraser import workflows
+
+    out = tmp_path / "ft"
+    metrics = workflows.run_purify(model=demo_run / "backdoored", method="finetune", out=out, clean_count=64,
+                                   defense_params={"epochs": 2, "kd_epochs": 0, "amp": "none"}, quiet=True,
+                                   epoch_eval=False, val_curves=True)
+    rows = list(csv.DictReader((out / "history.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {"val_acc", "val_asr", "val_ra"} <= set(rows[0]) and "acc" not in rows[0] and "asr" not in rows[0]
+    for key in ("acc", "asr", "ra"):
+        assert float(rows[-1][f"val_{key}"]) == pytest.approx(metrics["val"][key])
+    assert rows[0]["val_acc"] != rows[1]["val_acc"] or rows[0]["val_asr"] != rows[1]["val_asr"]
+
+
 def test_the_input_model_is_evaluated_on_test_once_per_model_and_split(demo_run, tmp_path, monkeypatch):
     """A grid worker runs every defense of one model in a row: the second run reuses the input model's
     test metrics and triggered test set, which equal a fresh evaluation; another split object does not."""

@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace what --out holds (its old files are deleted first)")
     p.add_argument("--no-epoch-eval", action="store_true", help="skip test-set metrics after each epoch")
+    p.add_argument("--val-curves", action="store_true", help="also record ACC, ASR and RA on the validation images "
+                   "(training images outside the clean subset and the poisoned ones) after each epoch, as val_acc, "
+                   "val_asr, val_ra in history.csv: the curves to choose a recipe on")
     _add_common(p)
 
     p = sub.add_parser("evaluate", allow_abbrev=False, help="ACC, ASR and RA of a model; extra --name value flags set attack parameters")
@@ -298,7 +301,7 @@ def _run(args, rest) -> int:
             data_dir=args.data_dir, arch=args.arch, normalization=args.normalization, num_classes=args.num_classes,
             unsafe_load=args.unsafe_load, attack=args.attack, attack_params=attack_params, device=args.device,
             resume=args.resume, quiet=args.quiet, epoch_eval=not args.no_epoch_eval, epochs_budget=args.epochs_budget,
-            preset=args.preset, overwrite=args.overwrite)
+            preset=args.preset, overwrite=args.overwrite, val_curves=args.val_curves)
         print("before: ", end="")
         _print_metrics(metrics["before"])
         print("after:  ", end="")

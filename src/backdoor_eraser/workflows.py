@@ -90,7 +90,9 @@ def run_attack(*, dataset: str, data_dir: str | None, arch: str, attack: str, at
                splits: DataSplits | None = None) -> dict:
     """Train a backdoored model and write its run folder; returns the metrics.
 
-    ``out`` must be new or empty unless ``resume`` (the same job, continued) or ``overwrite`` (cleared)."""
+    ``out`` must be new or empty unless ``resume`` (the same job, continued) or ``overwrite`` (cleared). ``epoch_eval`` adds
+    the test set's metrics to every epoch's history row (curves for reports); ``val_curves`` adds the
+    validation images' as ``val_acc``, ``val_asr``, ``val_ra`` (curves a recipe may be chosen on)."""
     dev = resolve_device(device)
     train = train or TrainConfig(**{**ATTACK_TRAINING, "seed": seed})
     train.check()
@@ -200,12 +202,15 @@ def run_purify(*, model: str | Path, method: str, out: str | Path, defense_param
                normalization: str | None = None, num_classes: int | None = None, unsafe_load: bool = False,
                attack: str | None = None, attack_params: dict | None = None, device="auto", resume: bool = False,
                quiet: bool = False, splits: DataSplits | None = None, epoch_eval: bool = True,
-               epochs_budget: int | None = None, preset: str | None = None, overwrite: bool = False) -> dict:
+               epochs_budget: int | None = None, preset: str | None = None, overwrite: bool = False,
+               val_curves: bool = False) -> dict:
     """Erase a backdoor with ``method`` on a seeded clean subset of the training data; writes a run folder.
 
     ``preset`` starts from one of the defense's named recipes; ``epochs_budget`` gives every training
     stage of the defense that many epochs; explicit ``defense_params`` win over both. ``out`` must be
-    new or empty unless ``resume`` (the same job, continued) or ``overwrite`` (cleared)."""
+    new or empty unless ``resume`` (the same job, continued) or ``overwrite`` (cleared). ``epoch_eval`` adds
+    the test set's metrics to every epoch's history row (curves for reports); ``val_curves`` adds the
+    validation images' as ``val_acc``, ``val_asr``, ``val_ra`` (curves a recipe may be chosen on)."""
     dev = resolve_device(device)
     defenses.DEFENSES.config_class(method)  # fail fast on an unknown name
     defenses.resolve_params(method, preset)  # and on an unknown preset, before the model is read
@@ -253,10 +258,15 @@ def run_purify(*, model: str | Path, method: str, out: str | Path, defense_param
     val = validation_set(splits, idx, meta)
     val_triggered = atk.triggered_test_set(val) if atk else None
     before = {**before_test, "val": validation_metrics(src, val, atk, val_triggered)}
-    eval_fn = (lambda m: evaluate(m, splits.test, atk, triggered, name=f"the model in training for {out}")) \
-        if epoch_eval else None
+    def eval_fn(m):
+        row = evaluate(m, splits.test, atk, triggered, name=f"the model in training for {out}") if epoch_eval else {}
+        if val_curves:
+            row.update({f"val_{k}": v for k, v in validation_metrics(m, val, atk, val_triggered).items()
+                        if k != "n_test"})
+        return row
     t0 = time.perf_counter()
-    result = defense.purify(src, clean, run_dir=out, resume=resume, eval_fn=eval_fn, quiet=quiet)
+    result = defense.purify(src, clean, run_dir=out, resume=resume, eval_fn=eval_fn if epoch_eval or val_curves
+                            else None, quiet=quiet)
     wall = time.perf_counter() - t0
     after = final_metrics(result.model, splits, atk, triggered, f"the model purified for {out}")
     after["val"] = validation_metrics(result.model, val, atk, val_triggered)
